@@ -1,0 +1,1 @@
+"""Triton kernels for forgetting attention (imported by foxdist.ops on CUDA)."""
