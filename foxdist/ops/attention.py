@@ -41,22 +41,49 @@ def chunk_prefix_sums(g: torch.Tensor, chunk: int):
     return cl.view(b, n * chunk, h)[:, :t], offsets
 
 
+def chunk_suffix_sums(g: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Key-side form of the chunk-local sums: ``ck_j = -sum_{u > j, u in j's chunk} g_u`` (>= 0).
+
+    For a key in chunk b and a query in a later chunk a, ``c_i - c_j = cl_i + between + (-ck_j)`` with
+    ``between = sum_{b<k<a} T_k = off_a - off_{b+1}``. All three terms are <= 0 and sum to
+    ``c_i - c_j``, so each is at most as large as the decay itself: the fp32 rounding error is
+    relative to the decay, whatever the absolute prefix sum. (Subtracting ``cl_j`` from a large chunk
+    total instead would cost ``ulp(T_b)``, e.g. 0.06 at ``|T_b| ~ 1e6``.)
+
+    Args:
+        g: ``[B, T, H]``. Returns ``[B, T, H]`` in g's dtype.
+    """
+    b, t, h = g.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    gp = torch.nn.functional.pad(g, (0, 0, 0, pad)) if pad else g
+    rev = gp.view(b, n, chunk, h).flip(2).cumsum(dim=2).flip(2)  # inclusive suffix sums
+    return (gp.view(b, n, chunk, h) - rev).reshape(b, n * chunk, h)[:, :t]  # = -(exclusive suffix)
+
+
+def pair_terms(cl, cs, off, a: int, b: int, qa: slice, kb: slice):
+    """``(cq, ck, offset)`` for query chunk a and key chunk b <= a (see :func:`chunk_suffix_sums`)."""
+    if a == b:
+        return cl[:, qa], cl[:, kb], None
+    return cl[:, qa], cs[:, kb], off[:, a] - off[:, b + 1]
+
+
 class _ChunkedForgettingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, chunk, tile, acp_delta, stats):
         t = q.shape[1]
         cl, off = chunk_prefix_sums(g, chunk)
+        cs = chunk_suffix_sums(g, chunk)
         n = off.shape[1]
-        o, lse = None, None
         outs, lses = [], []
         for a in range(n):
             qa = slice(a * chunk, min((a + 1) * chunk, t))
             o_a = lse_a = None
             for b in range(a, -1, -1):
                 kb = slice(b * chunk, min((b + 1) * chunk, t))
+                cq, ck, offset = pair_terms(cl, cs, off, a, b, qa, kb)
                 ob, lb = block_attention_fwd(
-                    q[:, qa], k[:, kb], v[:, kb], cl[:, qa], cl[:, kb], off[:, a] - off[:, b],
-                    scale=scale, causal=a == b, acp_delta=acp_delta, tile=tile, stats=stats)
+                    q[:, qa], k[:, kb], v[:, kb], cq, ck, offset, scale=scale, causal=a == b, acp_delta=acp_delta, tile=tile, stats=stats)
                 o_a, lse_a = (ob, lb) if o_a is None else merge_lse(o_a, lse_a, ob, lb)
             outs.append(o_a)
             lses.append(lse_a)
@@ -75,6 +102,7 @@ class _ChunkedForgettingAttention(torch.autograd.Function):
         t = q.shape[1]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         cl, off = chunk_prefix_sums(g, chunk)
+        cs = chunk_suffix_sums(g, chunk)
         n = off.shape[1]
         delta = (do.to(acc) * o.to(acc)).sum(dim=-1)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -85,9 +113,9 @@ class _ChunkedForgettingAttention(torch.autograd.Function):
             qa = slice(a * chunk, min((a + 1) * chunk, t))
             for b in range(a + 1):
                 kb = slice(b * chunk, min((b + 1) * chunk, t))
+                cq, ck, offset = pair_terms(cl, cs, off, a, b, qa, kb)
                 dqb, dkb, dvb, dcb = block_attention_bwd(
-                    do[:, qa], q[:, qa], k[:, kb], v[:, kb], cl[:, qa], cl[:, kb], off[:, a] - off[:, b],
-                    lse[:, qa], delta[:, qa], scale=scale, causal=a == b, acp_delta=acp_delta, tile=tile)
+                    do[:, qa], q[:, qa], k[:, kb], v[:, kb], cq, ck, offset, lse[:, qa], delta[:, qa], scale=scale, causal=a == b, acp_delta=acp_delta, tile=tile)
                 dq[:, qa] += dqb
                 dk[:, kb] += dkb
                 dv[:, kb] += dvb

@@ -1,10 +1,14 @@
 """Block-level forgetting attention in PyTorch: the primitive shared by the single-device path,
 the context-parallel ring and (as the specification) the Triton kernels.
 
-A *query chunk* attends to a *key chunk*. Each chunk carries chunk-local prefix sums of its log
-forget gates (``cq``, ``ck``) and the caller passes the per-(batch, head) difference of the two
-chunks' global offsets, so the decay ``c_i - c_j = offset + cq_i - ck_j`` never involves a large
-absolute prefix sum and precision does not depend on the position in the sequence.
+A *query chunk* attends to a *key chunk*; the decay is ``c_i - c_j = cq_i - ck_j + offset`` with
+chunk-local values and a per-(batch, head) scalar offset, so no large absolute prefix sum enters.
+Callers use the convention of :func:`foxdist.ops.attention.pair_terms`: on the diagonal pair
+``cq = ck = `` the chunk's inclusive prefix sums and no offset; for a key chunk b before the query
+chunk a, ``cq`` = query chunk prefix sums, ``ck`` = minus the key chunk's exclusive *suffix* sums and
+``offset`` = the fp64 sum of the chunks strictly between. Every term is then no larger than the decay
+itself, so fp32 precision does not depend on the position in the sequence. ``dck`` (the gradient of
+``ck``) is the gradient of ``c_j`` in either convention.
 
 Within a call the work is tiled (``tile`` rows x ``tile`` columns) flash-style: memory stays
 ``O(Tq * tile)``, and ACP skips tiles whose largest decay is below the threshold.

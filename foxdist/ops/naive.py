@@ -39,7 +39,7 @@ def naive_forgetting_attention(q, k, v, g, *, scale=None, cu_seqlens=None, retur
         # restart the prefix sum at each document: subtract the sum of all earlier documents
         c_all = gg.cumsum(dim=1)
         starts = cu_seqlens[:-1].long()
-        before = torch.where(starts > 0, c_all[:, (starts - 1).clamp(min=0)], torch.zeros_like(c_all[:, :1]))
+        before = torch.where((starts > 0)[None, :, None], c_all[:, (starts - 1).clamp(min=0)], 0.0)
         c = c_all - before[:, seg]
     else:
         c = gg.cumsum(dim=1)
