@@ -193,7 +193,7 @@ def forgetting_attention(q, k, v, g, *, scale: float | None = None, cu_seqlens: 
         import foxkernels
 
         return foxkernels.forgetting_attention(q, k, v, g, scale=scale, cu_seqlens=cu_seqlens, acp_delta=delta,
-                                               stats=stats, return_lse=return_lse)
+                                               stats=stats, return_lse=return_lse, tile=tile)
     if cu_seqlens is None:
         o, lse = _ChunkedForgettingAttention.apply(q, k, v, g, scale, chunk, tile, delta, stats)
     else:

@@ -1,0 +1,722 @@
+"""Triton kernels for forgetting attention (FoX): forward, backward, ACP, varlen, GQA, and the
+context-parallel block primitive.
+
+Math. ``s_ij = scale q_i.k_j + c_i - c_j`` (``c`` = prefix sum of the log forget gate ``g <= 0``),
+causal (or full, for an off-diagonal context-parallel block), softmax over j, ``o_i = sum_j p_ij v_j``.
+All scores are kept in base 2: ``s2 = s * log2(e)``, so the kernels use ``exp2`` and fold ``log2(e)``
+into the scale and the decay vectors once per tile row/column instead of once per element.
+
+Major choices (numbers from the design notes and from ``bench/attention.py``; results in
+``bench/results/attention-*.json``):
+
+* **Everything is varlen.** Each program owns one (document, query tile, head). A plain batch is
+  ``B`` documents of length ``T`` laid end to end (``cu = [0, T, 2T, ...]``), so one code path serves
+  ``[B, T]`` inputs, ``cu_seqlens`` packing and the block primitive's ``[B, Tq] x [B, Tk]`` pairs.
+  Documents shorter than the longest exit at once (a few microseconds for the whole grid).
+  Query tiles are launched heaviest first (causal tile m has m + 1 key tiles), which evens the tail.
+* **Precision of the decay.** A global fp32 prefix sum at ``|c| ~ 1e5`` (64k tokens of a fast-forgetting
+  head) rounds every ``c_j`` by ~0.008, i.e. ~0.8% noise on each attention weight. We therefore pass
+  ``c`` as fp32 *tile-local* sums ``cl`` (restarting every ``TILE`` tokens of a document) plus an fp64
+  per-token base (the fp64 sum of all earlier tiles, read once per tile). The kernel adds
+  ``(base_q - base_k)`` (fp64 -> fp32, once per tile pair) to the query-row vector; it is large only
+  where the weights are ``exp(-large)`` anyway. The block primitive receives the caller's chunk-local
+  ``cq, ck`` and the fp64 chunk offset through the same two inputs.
+* **ACP.** Pruning is decided on a grid of ``TILE x TILE`` units (``TILE = 128`` by default, the same
+  grid as the PyTorch reference, so both prune exactly the same pairs). A tiny kernel computes, per
+  (document, query unit, head), the first key unit whose largest decay ``c_first_q - c_last_k`` reaches
+  ``delta``; because ``c`` is non-increasing the pruned units form a prefix, and the scan reads the
+  per-unit end values ``NV`` at a time (one vector load covers 256 units = 32k keys, so a unit's
+  search is one or two iterations: linear time overall). The forward, the dq kernel and the dkdv
+  kernel all read this one table (fwd and bwd skip exactly the same pairs); every kernel tile divides
+  ``TILE`` so a tile is either wholly pruned or wholly kept, and no per-element ACP mask exists. The
+  dkdv kernel needs, for its key tile, the *last* query unit that keeps it; since the table is
+  non-decreasing along query units that is again a vectorised search for the first unit with
+  ``bound > key unit``. When nothing is prunable the whole cost is that one tiny launch.
+* **Diagonal split.** Fully visible key tiles run a loop with no mask arithmetic and unmasked loads;
+  only the diagonal tile(s) and a partial last tile go through the masked loop.
+* **Backward without atomics.** ``delta_i = do_i . o_i`` in a small pre-kernel; then a dq kernel
+  (query tile fixed, loop over its key tiles) and a dkdv kernel (key tile fixed, loop over the query
+  tiles that see it; for GQA the program loops over the query heads of its kv head, so dk and dv are
+  summed in registers and written once). The dkdv kernel also produces ``dc_j = -sum_i dS_ij`` per
+  query head; ``dg`` is its per-document reverse cumulative sum (fp64, in PyTorch).
+* **The query-side decay gradient is zero, so it is not computed.** ``dL/dc_i = sum_j dS_ij`` with
+  ``dS_ij = p_ij (dp_ij - delta_i)``, ``dp_ij = do_i . v_j`` and ``delta_i = do_i . o_i``. Then
+  ``sum_j dS_ij = sum_j p_ij do_i.v_j - delta_i sum_j p_ij = do_i.o_i - delta_i * 1 = 0``: adding a
+  constant to a whole row of scores leaves the softmax unchanged, so its gradient vanishes.
+* Rows that see no key (an all-pruned off-diagonal block, an empty key block) keep the running max at
+  a finite ``-1e30`` so that no ``inf - inf`` arises; they return ``o = 0`` and ``lse = -inf``.
+
+Block sizes and warps per head dim are in :func:`_config` (tuned on the H100; see the bench JSON).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+DEFAULT_TILE = 128
+_NEG = -1.0e30
+
+
+# ----------------------------------------------------------------------------------------------
+# ACP boundary table
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _acp_bound_kernel(CQ, CK, BQ, BK, DELTA, BOUND, CU_Q, CU_K,
+                      s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h,
+                      max_units, H,
+                      TILE: tl.constexpr, CAUSAL: tl.constexpr, NV: tl.constexpr):
+    """BOUND[z, u, h] = number of leading key units skipped by query unit u of document z."""
+    u = tl.program_id(0)
+    z = tl.program_id(1)
+    h = tl.program_id(2)
+    qs = tl.load(CU_Q + z)
+    lq = tl.load(CU_Q + z + 1) - qs
+    ks = tl.load(CU_K + z)
+    lk = tl.load(CU_K + z + 1) - ks
+    i0 = u * TILE
+    if i0 < lq:
+        # c of the unit's first query (fp64: tile-local fp32 + fp64 base)
+        ci = tl.load(CQ + (qs + i0) * s_cq_t + h * s_cq_h).to(tl.float64) + \
+            tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
+        dlt = tl.load(DELTA + z * H + h)
+        if CAUSAL:
+            n_cand = u  # key units wholly before this query unit; the diagonal unit is never prunable
+        else:
+            n_cand = (lk + TILE - 1) // TILE
+        first = n_cand
+        v0 = n_cand * 0
+        while v0 < n_cand:
+            idx = v0 + tl.arange(0, NV)
+            valid = idx < n_cand
+            last = tl.minimum(idx * TILE + TILE, lk) - 1
+            last = tl.where(valid, last, 0)
+            cj = tl.load(CK + (ks + last) * s_ck_t + h * s_ck_h, mask=valid, other=0.0).to(tl.float64) + \
+                tl.load(BK + (ks + last) * s_bk_t + h * s_bk_h, mask=valid, other=0.0)
+            keep = valid & ((ci - cj) >= dlt)
+            f = tl.min(tl.where(keep, idx, n_cand), axis=0)
+            first = tl.minimum(first, f)
+            v0 = tl.where(f < n_cand, n_cand, v0 + NV)
+        tl.store(BOUND + (z * max_units + u) * H + h, first.to(tl.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, row2, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+              s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
+              BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    for j0 in range(lo, hi, BN):
+        kn = j0 + offs_n
+        if MASKED:
+            kmask = kn < lk
+            kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None],
+                         mask=kmask[None, :], other=0.0)
+            vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :],
+                         mask=kmask[:, None], other=0.0)
+            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0)
+        else:
+            kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
+            vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :])
+            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h)
+        dd = (bq - tl.load(BK + (ks + j0) * s_bk_t + h * s_bk_h)).to(tl.float32)
+        qk = tl.dot(q, kT)
+        s = qk * sm_scale2 + (row2 + dd * 1.4426950408889634)[:, None] - (ck * 1.4426950408889634)[None, :]
+        if MASKED:
+            ok = kn[None, :] < lk
+            if CAUSAL:
+                ok = ok & (kn[None, :] <= offs_m[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
+                s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_o_t, s_o_h,
+                s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+                sm_scale2, max_units, H, GROUP,
+                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
+                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr):
+    pid = tl.program_id(0)
+    z = tl.program_id(1)
+    h = tl.program_id(2)
+    qs = tl.load(CU_Q + z)
+    lq = tl.load(CU_Q + z + 1) - qs
+    ks = tl.load(CU_K + z)
+    lk = tl.load(CU_K + z + 1) - ks
+    mt = tl.num_programs(0) - 1 - pid  # heaviest (last) query tiles first
+    i0 = mt * BM
+    if i0 < lq:
+        hk = h // GROUP
+        offs_m = i0 + tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        offs_d = tl.arange(0, D)
+        rmask = offs_m < lq
+        q = tl.load(Q + (qs + offs_m)[:, None] * s_q_t + h * s_q_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
+        bq = tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
+        row2 = cq * 1.4426950408889634
+        lo = 0
+        if USE_ACP:
+            lo = tl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
+        if CAUSAL:
+            hi_full = i0
+            hi = tl.minimum(i0 + BM, lk)
+        else:
+            hi_full = (lk // BN) * BN
+            hi = lk
+        m_i = tl.full([BM], -1.0e30, tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, row2, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+                                  s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full,
+                                  sm_scale2, BN, False, CAUSAL)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, row2, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+                                  s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
+                                  tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL)
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(O + (qs + offs_m)[:, None] * s_o_t + h * s_o_h + offs_d[None, :], o.to(O.dtype.element_ty),
+                 mask=rmask[:, None])
+        tl.store(LSE + (qs + offs_m) * s_l_t + h * s_l_h, lse, mask=rmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_pre_kernel(O, DO, LSE, DELTA, LSE2, N, s_o_t, s_o_h, s_do_t, s_do_h, s_l_t, s_l_h,
+                    D: tl.constexpr, BLK: tl.constexpr):
+    """delta_i = do_i . o_i (fp32) and lse2_i = lse_i * log2(e) (+inf for rows without keys)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid * BLK + tl.arange(0, BLK)
+    rm = rows < N
+    offs_d = tl.arange(0, D)
+    o = tl.load(O + rows[:, None] * s_o_t + h * s_o_h + offs_d[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + rows[:, None] * s_do_t + h * s_do_h + offs_d[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + rows * s_l_t + h * s_l_h, tl.sum(o * do, 1), mask=rm)
+    lse = tl.load(LSE + rows * s_l_t + h * s_l_h, mask=rm, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(LSE2 + rows * s_l_t + h * s_l_h, lse2, mask=rm)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, row2, lse2, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+             s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
+             BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    for j0 in range(lo, hi, BN):
+        kn = j0 + offs_n
+        if MASKED:
+            kmask = kn < lk
+            kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None],
+                         mask=kmask[None, :], other=0.0)
+            vT = tl.load(V + (ks + kn)[None, :] * s_v_t + hk * s_v_h + offs_d[:, None],
+                         mask=kmask[None, :], other=0.0)
+            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0)
+        else:
+            kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
+            vT = tl.load(V + (ks + kn)[None, :] * s_v_t + hk * s_v_h + offs_d[:, None])
+            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h)
+        dd = (bq - tl.load(BK + (ks + j0) * s_bk_t + h * s_bk_h)).to(tl.float32)
+        qk = tl.dot(q, kT)
+        s = qk * sm_scale2 + (row2 + dd * 1.4426950408889634)[:, None] - (ck * 1.4426950408889634)[None, :]
+        if MASKED:
+            ok = kn[None, :] < lk
+            if CAUSAL:
+                ok = ok & (kn[None, :] <= offs_m[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vT)
+        ds = p * (dp - di[:, None])
+        dq = dq + tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
+               s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_do_t, s_do_h, s_dq_t, s_dq_h,
+               s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+               sm_scale, sm_scale2, max_units, H, GROUP,
+               D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
+               CAUSAL: tl.constexpr, USE_ACP: tl.constexpr):
+    pid = tl.program_id(0)
+    z = tl.program_id(1)
+    h = tl.program_id(2)
+    qs = tl.load(CU_Q + z)
+    lq = tl.load(CU_Q + z + 1) - qs
+    ks = tl.load(CU_K + z)
+    lk = tl.load(CU_K + z + 1) - ks
+    mt = tl.num_programs(0) - 1 - pid
+    i0 = mt * BM
+    if i0 < lq:
+        hk = h // GROUP
+        offs_m = i0 + tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        offs_d = tl.arange(0, D)
+        rmask = offs_m < lq
+        q = tl.load(Q + (qs + offs_m)[:, None] * s_q_t + h * s_q_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(DO + (qs + offs_m)[:, None] * s_do_t + h * s_do_h + offs_d[None, :], mask=rmask[:, None],
+                     other=0.0)
+        cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
+        lse2 = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
+        di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
+        bq = tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
+        row2 = cq * 1.4426950408889634
+        lo = 0
+        if USE_ACP:
+            lo = tl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
+        if CAUSAL:
+            hi_full = i0
+            hi = tl.minimum(i0 + BM, lk)
+        else:
+            hi_full = (lk // BN) * BN
+            hi = lk
+        dq = tl.zeros([BM, D], tl.float32)
+        dq = _dq_tile(dq, q, do, row2, lse2, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+                      s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full, sm_scale2,
+                      BN, False, CAUSAL)
+        dq = _dq_tile(dq, q, do, row2, lse2, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+                      s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, tl.maximum(hi_full, lo), hi,
+                      sm_scale2, BN, True, CAUSAL)
+        tl.store(DQ + (qs + offs_m)[:, None] * s_dq_t + h * s_dq_h + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
+               s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, lo, hi, sm_scale2,
+               BM: tl.constexpr, MASKED: tl.constexpr):
+    for i0 in range(lo, hi, BM):
+        offs_m = i0 + offs_m0
+        rmask = offs_m < lq
+        qT = tl.load(Q + (qs + offs_m)[None, :] * s_q_t + h * s_q_h + offs_d[:, None], mask=rmask[None, :], other=0.0)
+        do = tl.load(DO + (qs + offs_m)[:, None] * s_do_t + h * s_do_h + offs_d[None, :], mask=rmask[:, None],
+                     other=0.0)
+        cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
+        lse2 = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
+        di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
+        dd = (tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h) - bk).to(tl.float32)
+        sT = tl.dot(k, qT)  # [BN, BM]
+        sT = sT * sm_scale2 + ((cq + dd) * 1.4426950408889634)[None, :] - col2[:, None]
+        if MASKED:
+            sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
+        pT = tl.exp2(sT - lse2[None, :])
+        dv = dv + tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - di[None, :])
+        dk = dk + tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        dc = dc - tl.sum(dsT, 1)
+    return dk, dv, dc
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, BOUND, CU_Q, CU_K,
+                 s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_do_t, s_do_h, s_dk_t, s_dk_h, s_dv_t, s_dv_h,
+                 s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+                 sm_scale, sm_scale2, max_units, H, GROUP,
+                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, NV: tl.constexpr):
+    pid = tl.program_id(0)
+    z = tl.program_id(1)
+    hk = tl.program_id(2)
+    qs = tl.load(CU_Q + z)
+    lq = tl.load(CU_Q + z + 1) - qs
+    ks = tl.load(CU_K + z)
+    lk = tl.load(CU_K + z + 1) - ks
+    n0 = pid * BN
+    if n0 < lk:
+        offs_n = n0 + tl.arange(0, BN)
+        offs_m0 = tl.arange(0, BM)
+        offs_d = tl.arange(0, D)
+        kmask = offs_n < lk
+        k = tl.load(K + (ks + offs_n)[:, None] * s_k_t + hk * s_k_h + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + (ks + offs_n)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        dk = tl.zeros([BN, D], tl.float32)
+        dv = tl.zeros([BN, D], tl.float32)
+        ku = n0 // TILE
+        n_uq = (lq + TILE - 1) // TILE
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            ck = tl.load(CK + (ks + offs_n) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0)
+            col2 = ck * 1.4426950408889634
+            bk = tl.load(BK + (ks + n0) * s_bk_t + h * s_bk_h)
+            dc = tl.zeros([BN], tl.float32)
+            # query rows that keep this key tile: [start, end)
+            end = lq
+            if USE_ACP:
+                first = n_uq
+                v0 = ku * 0
+                if CAUSAL:
+                    v0 = ku
+                while v0 < n_uq:
+                    idx = v0 + tl.arange(0, NV)
+                    valid = idx < n_uq
+                    b = tl.load(BOUND + (z * max_units + idx) * H + h, mask=valid, other=0)
+                    f = tl.min(tl.where(valid & (b > ku), idx, n_uq), axis=0)
+                    first = tl.minimum(first, f)
+                    v0 = tl.where(f < n_uq, n_uq, v0 + NV)
+                end = tl.minimum(lq, first * TILE)
+            if CAUSAL:
+                # diagonal: rows n0 .. n0+BN-1 see part of the tile
+                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h,
+                                        offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
+                                        s_bq_t, s_bq_h, s_l_t, s_l_h, n0, tl.minimum(n0 + BN, end), sm_scale2,
+                                        BM, True)
+                start = n0 + BN
+            else:
+                start = 0
+            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h,
+                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, end, sm_scale2, BM, False)
+            tl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
+        tl.store(DK + (ks + offs_n)[:, None] * s_dk_t + hk * s_dk_h + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask[:, None])
+        tl.store(DV + (ks + offs_n)[:, None] * s_dv_t + hk * s_dv_h + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _config(d: int, tile: int):
+    """Tile shapes and warps per head dim. Every block size divides ``tile`` (the ACP unit)."""
+    env = os.environ.get("FOXKERNELS_CONFIG")
+    if d <= 64:
+        cfg = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 8, 2), dkdv=(64, 128, 8, 2))
+    else:
+        cfg = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 128, 8, 2))
+    if env:  # "fwd=128,64,4,3;dq=...;dkdv=..." (benchmark sweeps)
+        for part in env.split(";"):
+            key, val = part.split("=")
+            cfg[key.strip()] = tuple(int(x) for x in val.split(","))
+    out = {}
+    for key, (bm, bn, warps, stages) in cfg.items():
+        bm, bn = min(bm, tile), min(bn, tile)
+        assert tile % bm == 0 and tile % bn == 0, (key, bm, bn, tile)
+        out[key] = (bm, bn, warps, stages)
+    if out["dkdv"][1] % out["dkdv"][0]:
+        bm, bn, w, s = out["dkdv"]
+        out["dkdv"] = (min(bm, bn), bn, w, s)
+    return out
+
+
+class _Plan:
+    """Everything the kernels need besides q, k, v: document table, decay inputs, ACP table."""
+
+    def __init__(self, cu_q, cu_k, lens_q, lens_k, cq, ck, bq, bk, delta, causal, tile, h):
+        self.cu_q, self.cu_k = cu_q, cu_k
+        self.lens_q, self.lens_k = lens_q, lens_k
+        self.cq, self.ck, self.bq, self.bk = cq, ck, bq, bk
+        self.causal, self.tile, self.h = causal, tile, h
+        self.n_docs = len(lens_q)
+        self.max_q = max(lens_q) if lens_q else 0
+        self.max_k = max(lens_k) if lens_k else 0
+        self.max_units = max(1, -(-self.max_q // tile))
+        self.bound = None
+        if delta is not None and self.max_q > 0:
+            d = delta  # [n_docs, H] fp64 on the device
+            self.bound = _empty((self.n_docs, self.max_units, h), torch.int32, cq.device)
+            _acp_bound_kernel[(self.max_units, self.n_docs, h)](
+                cq, ck, bq, bk, d, self.bound, cu_q, cu_k,
+                cq.stride(0), cq.stride(1), ck.stride(0), ck.stride(1), bq.stride(0), bq.stride(1),
+                bk.stride(0), bk.stride(1), self.max_units, h, TILE=tile, CAUSAL=causal, NV=256)
+
+    def count(self, stats):
+        """Add this call's unit counts to an AcpStats (tiles_total, tiles_pruned)."""
+        if stats is None:
+            return
+        t = self.tile
+        total = 0
+        for lq, lk in zip(self.lens_q, self.lens_k):
+            nq, nk = -(-lq // t), -(-lk // t)
+            total += sum(min(i, nk - 1) + 1 for i in range(nq)) if self.causal else nq * nk
+        stats.tiles_total += total * self.h
+        if self.bound is not None:
+            nq = torch.tensor([-(-lq // t) for lq in self.lens_q], device=self.bound.device)
+            valid = torch.arange(self.max_units, device=self.bound.device)[None, :] < nq[:, None]
+            stats.tiles_pruned += int(torch.where(valid[..., None], self.bound, 0).sum())
+
+
+# Outputs are allocated with torch.empty; tests set FOXKERNELS_POISON=1 to NaN-fill them (-1 for ints)
+# so that an element no kernel writes fails the comparison.
+def _empty(shape, dtype, device):
+    x = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("FOXKERNELS_POISON") == "1":
+        x.fill_(float("nan") if dtype.is_floating_point else -1)
+    return x
+
+
+def _check_inputs(q, k, v):
+    d = q.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"foxkernels supports head dims 16, 32, 64, 128, 256; got {d}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"foxkernels supports fp16, bf16 and fp32 inputs; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
+    """q [Nq, H, D], k, v [Nk, Hkv, D] (token-major, last dim contiguous) -> o [Nq, H, D], lse [Nq, H]."""
+    nq_tok, h, d = q.shape
+    hkv = k.shape[1]
+    cfg = _config(d, plan.tile)
+    bm, bn, warps, stages = cfg["fwd"]
+    o = _empty((nq_tok, h, d), out_dtype, q.device)
+    lse = _empty((nq_tok, h), torch.float32, q.device)
+    if plan.max_q == 0:
+        return o, lse
+    bound = plan.bound if plan.bound is not None else lse  # dummy pointer when ACP is off
+    grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
+    _fwd_kernel[grid](
+        q, k, v, plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound, plan.cu_q, plan.cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
+        plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
+        scale * LOG2E, plan.max_units, h, h // hkv,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=plan.bound is not None,
+        num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
+    """Returns dq [Nq, H, D], dk, dv [Nk, Hkv, D] (grad_dtype) and dc [Nk, H] fp32."""
+    nq_tok, h, d = q.shape
+    nk_tok, hkv = k.shape[0], k.shape[1]
+    cfg = _config(d, plan.tile)
+    dq = _empty((nq_tok, h, d), grad_dtype, q.device)
+    dk = _empty((nk_tok, hkv, d), grad_dtype, q.device)
+    dv = _empty((nk_tok, hkv, d), grad_dtype, q.device)
+    dc = _empty((nk_tok, h), torch.float32, q.device)
+    if plan.max_q == 0 or plan.max_k == 0:
+        dq.zero_(), dk.zero_(), dv.zero_(), dc.zero_()
+        return dq, dk, dv, dc
+    bound = plan.bound if plan.bound is not None else lse2
+    use_acp = plan.bound is not None
+    common = (plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
+              plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1),
+              lse2.stride(0), lse2.stride(1), scale, scale * LOG2E, plan.max_units, h, h // hkv)
+    bm, bn, warps, stages = cfg["dq"]
+    _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
+        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, bound, plan.cu_q, plan.cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1), *common,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = cfg["dkdv"]
+    _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
+        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, bound, plan.cu_q, plan.cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *common,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, NV=256,
+        num_warps=warps, num_stages=stages)
+    # every key of every document is written by the dkdv kernel (its grid covers the longest document)
+    return dq, dk, dv, dc
+
+
+# ----------------------------------------------------------------------------------------------
+# single-device entry point
+# ----------------------------------------------------------------------------------------------
+def _doc_tables(cu: torch.Tensor, n_tok: int, device):
+    lens = [b - a for a, b in zip(cu.tolist(), cu.tolist()[1:])]
+    cu_d = cu.to(device=device, dtype=torch.int32)
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=device),
+                                  torch.tensor(lens, device=device), output_size=n_tok)
+    return lens, cu_d, seg
+
+
+def _tile_prefix(g_flat: torch.Tensor, starts: torch.Tensor, tile: int):
+    """Tile-local fp32 prefix sums and the fp64 sum before each token's tile (tiles restart per document).
+
+    Args:
+        g_flat: ``[N, H]`` log gates; starts: ``[N]`` start index of each token's document.
+    Returns:
+        ``cl [N, H]`` fp32, ``base [N, H]`` fp64 with ``c_t (document-local) = base_t + cl_t``
+        up to a per-document constant (which cancels in every ``c_i - c_j`` of one document).
+    """
+    n = g_flat.shape[0]
+    c64 = g_flat.double().cumsum(0)
+    cz = torch.cat([c64.new_zeros(1, c64.shape[1]), c64])
+    t = torch.arange(n, device=g_flat.device)
+    tstart = starts + ((t - starts) // tile) * tile
+    base = cz[tstart]
+    cl = (c64 - base).float()
+    return cl.contiguous(), base.contiguous()
+
+
+class _FoxAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, cu, delta, stats, tile):
+        b, t, h, d = q.shape
+        hkv = k.shape[2]
+        n = b * t
+        qf = q.reshape(n, h, d).contiguous()
+        kf = k.reshape(n, hkv, d).contiguous()
+        vf = v.reshape(n, hkv, d).contiguous()
+        gf = g.reshape(n, h)
+        lens, cu_d, seg = _doc_tables(cu, n, q.device)
+        starts = cu_d.long()[:-1][seg]
+        cl, base = _tile_prefix(gf, starts, tile)
+        plan = _Plan(cu_d, cu_d, lens, lens, cl, cl, base, base, delta, True, tile, h)
+        plan.count(stats)
+        o, lse = _run_fwd(qf, kf, vf, plan, scale, q.dtype)
+        ctx.save_for_backward(qf, kf, vf, o, lse, seg, cu_d)
+        ctx.plan = plan
+        ctx.cfg = (scale, b, t, g.dtype)
+        ctx.mark_non_differentiable(lse)
+        return o.view(b, t, h, d), lse.view(b, t, h)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        qf, kf, vf, o, lse, seg, cu_d = ctx.saved_tensors
+        plan = ctx.plan
+        scale, b, t, gdtype = ctx.cfg
+        n, h, d = qf.shape
+        dof = do.reshape(n, h, d).contiguous()
+        delta, lse2 = _bwd_pre(o, dof, lse)
+        dq, dk, dv, dc = _run_bwd(dof, qf, kf, vf, plan, scale, lse2, delta, qf.dtype)
+        # g_u enters every c_t with t >= u of its document: dg_u = sum_{t >= u, same doc} dc_t
+        rc = dc.double().flip(0).cumsum(0).flip(0)
+        rc = torch.cat([rc, rc.new_zeros(1, h)])
+        ends = cu_d.long()[1:][seg]
+        dg = (rc[:-1] - rc[ends]).to(gdtype)
+        hkv = kf.shape[1]
+        return (dq.view(b, t, h, d), dk.view(b, t, hkv, d), dv.view(b, t, hkv, d), dg.view(b, t, h),
+                None, None, None, None, None)
+
+
+def _bwd_pre(o, do, lse):
+    n, h, d = o.shape
+    delta = _empty((n, h), torch.float32, o.device)
+    lse2 = _empty((n, h), torch.float32, o.device)
+    if n:
+        blk = 64
+        _bwd_pre_kernel[(triton.cdiv(n, blk), h)](o, do, lse, delta, lse2, n, o.stride(0), o.stride(1),
+                                                   do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
+                                                   D=d, BLK=blk)
+    return delta, lse2
+
+
+def forgetting_attention(q, k, v, g, *, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                         acp_delta=None, stats=None, return_lse: bool = False, tile: int = DEFAULT_TILE):
+    """Causal forgetting attention on the GPU (or the Triton interpreter).
+
+    Args:
+        q: ``[B, T, H, D]`` fp16/bf16/fp32; k, v: ``[B, T, Hkv, D]`` (``Hkv`` divides ``H``).
+        g: ``[B, T, H]`` log forget gates (``<= 0``), fp32.
+        scale: multiplier of ``q.k`` (default ``D ** -0.5``).
+        cu_seqlens: ``[n_docs + 1]`` document boundaries (``B = 1``); prefix sums restart per document.
+        acp_delta: ACP threshold ``ln eps - 2U - ln N`` broadcastable to ``[B, H]`` (fp64), or None.
+            With ``cu_seqlens`` it must be broadcastable to ``[1, H]`` (one value per head).
+        stats: optional ``AcpStats``; ``tiles_total`` / ``tiles_pruned`` count ``tile x tile`` units.
+        return_lse: also return the fp32 ``lse [B, T, H]`` (natural log).
+        tile: ACP unit (and the fp32 prefix-sum restart length); kernel blocks divide it.
+    Returns:
+        ``o [B, T, H, D]`` in q's dtype (and ``lse``). Differentiable in q, k, v and g.
+    """
+    _check_inputs(q, k, v)
+    b, t, h, d = q.shape
+    scale = d ** -0.5 if scale is None else float(scale)
+    if cu_seqlens is None:
+        cu = torch.arange(b + 1, dtype=torch.int64) * t  # one document per batch entry
+    else:
+        if b != 1:
+            raise ValueError("cu_seqlens requires B = 1")
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if acp_delta is not None:
+        dl = torch.as_tensor(acp_delta, dtype=torch.float64)
+        dl = dl.reshape((1,) * (2 - dl.dim()) + tuple(dl.shape)) if dl.dim() < 2 else dl
+        dl = torch.broadcast_to(dl, (dl.shape[0], h))
+        n_docs = cu.numel() - 1
+        if dl.shape[0] == 1:
+            dl = dl.expand(n_docs, h)
+        elif dl.shape[0] != n_docs:
+            raise ValueError(f"acp_delta with {dl.shape[0]} rows cannot map to {n_docs} documents")
+        acp_delta = dl.to(q.device).contiguous()
+    o, lse = _FoxAttention.apply(q, k, v, g.float(), scale, cu, acp_delta, stats, tile)
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------------------------
+# context-parallel block primitive
+# ----------------------------------------------------------------------------------------------
+def _block_plan(q, k, cq, ck, offset, causal, acp_delta, tile):
+    b, tq, h, _ = q.shape
+    tk = k.shape[1]
+    dev = q.device
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev) * tq
+    cu_k = torch.arange(b + 1, dtype=torch.int32, device=dev) * tk
+    cqf = cq.reshape(b * tq, h).float().contiguous()
+    ckf = ck.reshape(b * tk, h).float().contiguous()
+    off = torch.zeros((b, h), dtype=torch.float64, device=dev) if offset is None else \
+        torch.broadcast_to(torch.as_tensor(offset, dtype=torch.float64, device=dev), (b, h))
+    bq = off[:, None, :].expand(b, tq, h).reshape(b * tq, h).contiguous()
+    bk = torch.zeros((b * tk, h), dtype=torch.float64, device=dev)
+    delta = None
+    if acp_delta is not None:
+        dl = torch.as_tensor(acp_delta, dtype=torch.float64, device=dev)
+        while dl.dim() < 2:
+            dl = dl.unsqueeze(0)
+        delta = torch.broadcast_to(dl, (b, h)).contiguous()
+    if causal and tq != tk:
+        raise ValueError(f"a causal (diagonal) block needs equal query and key lengths, got {tq} and {tk}")
+    return _Plan(cu_q, cu_k, [tq] * b, [tk] * b, cqf, ckf, bq, bk, delta, causal, tile, h)
+
+
+def block_attention_fwd(q, k, v, cq, ck, offset=None, *, scale: float, causal: bool, acp_delta=None,
+                        tile: int = DEFAULT_TILE, stats=None):
+    """Triton version of :func:`foxdist.ops.block.block_attention_fwd` (same arguments and results).
+
+    Returns ``o [B, Tq, H, D]`` fp32 normalised within this block and ``lse [B, Tq, H]`` fp32
+    (``-inf`` and ``o = 0`` for rows that see no key).
+    """
+    _check_inputs(q, k, v)
+    b, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    plan = _block_plan(q, k, cq, ck, offset, causal, acp_delta, tile)
+    plan.count(stats)
+    qf = q.reshape(b * tq, h, d).contiguous()
+    kf = k.reshape(b * tk, hkv, d).contiguous()
+    vf = v.reshape(b * tk, hkv, d).contiguous()
+    if tk == 0:
+        return (torch.zeros((b, tq, h, d), dtype=torch.float32, device=q.device),
+                torch.full((b, tq, h), float("-inf"), dtype=torch.float32, device=q.device))
+    o, lse = _run_fwd(qf, kf, vf, plan, float(scale), torch.float32)
+    return o.view(b, tq, h, d), lse.view(b, tq, h)
+
+
+def block_attention_bwd(do, q, k, v, cq, ck, offset, lse, delta, *, scale: float, causal: bool, acp_delta=None,
+                        tile: int = DEFAULT_TILE):
+    """Triton version of :func:`foxdist.ops.block.block_attention_bwd`.
+
+    ``lse`` and ``delta = rowsum(do * o)`` are the final (merged) row statistics. Returns fp32
+    ``dq [B, Tq, H, D]``, ``dk, dv [B, Tk, Hkv, D]`` and ``dck [B, Tk, H] = -sum_i dS_ij``.
+    """
+    _check_inputs(q, k, v)
+    b, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    plan = _block_plan(q, k, cq, ck, offset, causal, acp_delta, tile)
+    qf = q.reshape(b * tq, h, d).contiguous()
+    kf = k.reshape(b * tk, hkv, d).contiguous()
+    vf = v.reshape(b * tk, hkv, d).contiguous()
+    dof = do.to(q.dtype).reshape(b * tq, h, d).contiguous()
+    lse = lse.reshape(b * tq, h).float()
+    lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse * LOG2E).contiguous()
+    dl = delta.reshape(b * tq, h).float().contiguous()
+    dq, dk, dv, dc = _run_bwd(dof, qf, kf, vf, plan, float(scale), lse2, dl, torch.float32)
+    return dq.view(b, tq, h, d), dk.view(b, tk, hkv, d), dv.view(b, tk, hkv, d), dc.view(b, tk, h)
