@@ -64,7 +64,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
+    max_steps: int = 200  # length of the schedule
+    stop_at_step: int = 0  # stop early (with a checkpoint) at this step, e.g. to fit a time slot; 0: off
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8  # sequences per forward pass on one rank
     seed: int = 1234

@@ -1,0 +1,34 @@
+"""The ``foxdist`` command: ``foxdist train ...`` and ``foxdist prepare ...``.
+
+Examples::
+
+    foxdist train --recipe recipes/debug.py:cpu
+    foxdist prepare "data/raw/**/*.txt" --out data/shards --tokenizer tokenizer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="foxdist", description="Forgetting Transformer training at long context.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a model from a recipe", add_help=False)
+    from .data.prepare import add_prepare_args, run_prepare
+
+    add_prepare_args(sub.add_parser("prepare", help="tokenize text files into zstd token shards"))
+    if argv and argv[0] == "train":
+        from .train import main as train_main
+
+        return train_main(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        return run_prepare(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Process runtime: rank/world from the launcher's environment, device choice, process group.
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; under a
+bare ``srun`` only the ``SLURM_*`` variables exist, so those are the fallback. A plain ``python``
+launch is a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for n in names:
+        if os.environ.get(n, "") != "":
+            try:
+                return int(os.environ[n])
+            except ValueError:
+                raise ValueError(f"environment variable {n}={os.environ[n]!r} is not an integer; "
+                                 f"check the launcher (torchrun/srun) settings") from None
+    return default
+
+
+def launch_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's variables, else Slurm's, else ``(0, 1, 0)``."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside world size {world}: the launcher environment is inconsistent")
+    return rank, world, local
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible; "
+                             f"launch at most that many processes per node")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_runtime(device_choice: str = "auto", backend: str = "auto", timeout_s: int = 600) -> Runtime:
+    """Read the launch environment, choose the device, and join the process group when world > 1."""
+    rank, world, local = launch_env()
+    device = pick_device(device_choice, local)
+    if world > 1 and not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(var):
+                raise ValueError(f"{var} is not set for a {world}-process run; launch with torchrun "
+                                 f"(or export MASTER_ADDR/MASTER_PORT under srun)")
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        be = ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
+        dist.init_process_group(be, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    return Runtime(rank=rank, world_size=world, local_rank=local, device=device, distributed=world > 1)

@@ -1,0 +1,286 @@
+"""The foxdist trainer.
+
+Launch::
+
+    foxdist train --recipe recipes/debug.py:cpu                      # CPU smoke run, a few minutes
+    foxdist train --recipe recipes/debug.py:cpu --set train.max_steps=50 --run-dir /tmp/run
+    python -m foxdist.train --recipe recipes/fox_pro.py:fox_pro_125m  # one GPU
+    torchrun --standalone --nproc-per-node 8 -m foxdist.train --recipe recipes/fox_pro.py:fox_pro_125m
+
+The run directory holds ``config.json`` (resolved config + derived values), ``metrics.jsonl``,
+tensorboard events under ``tb/`` and checkpoints under ``checkpoints/``. Rerunning the same command
+resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, apply_overrides, derive, load_recipe, write_config
+from .metrics import MetricsLogger, peak_flops, truncate_jsonl
+from .model import FoxLM, document_cu_seqlens
+from .optim import build_optimizer, lr_at
+from .runtime import Runtime, init_runtime, launch_env
+
+# Config sections that define what a checkpoint contains; a resume with different values is refused.
+_IDENTITY_SECTIONS = ("model", "data")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--recipe", required=True, help="FILE:FUNCTION returning a foxdist Config, e.g. recipes/debug.py:cpu")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.max_steps=50")
+    p.add_argument("--run-dir", default=None, help="run directory (default: logging.run_dir or runs/<recipe>)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    cfg = apply_overrides(load_recipe(args.recipe), args.overrides)
+    run_dir = args.run_dir or cfg.logging.run_dir
+    if not run_dir:
+        file, func = cfg.recipe.rsplit(":", 1)
+        run_dir = f"runs/{Path(file).stem}-{func}"
+    cfg.logging.run_dir = str(run_dir)
+    return cfg, Path(run_dir)
+
+
+def _check_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume a run directory whose checkpoints come from a different model or data config."""
+    old_file = run_dir / "config.json"
+    if not old_file.exists() or latest_checkpoint(run_dir) is None or not cfg.checkpoint.resume:
+        if old_file.exists() and latest_checkpoint(run_dir) is not None and not cfg.checkpoint.resume:
+            raise ValueError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: refusing to "
+                             f"overwrite them; choose a new --run-dir or remove {run_dir / 'checkpoints'}")
+        return
+    old = json.loads(old_file.read_text())
+    new = cfg.to_dict()
+    diffs = [f"{s}.{k}: {old[s].get(k)!r} -> {v!r}" for s in _IDENTITY_SECTIONS
+             for k, v in new[s].items() if old.get(s, {}).get(k) != v]
+    if diffs:
+        raise ValueError(f"run directory {run_dir} holds checkpoints of a different config ({'; '.join(diffs)}); "
+                         f"use a new --run-dir, or restore the original settings to resume")
+
+
+class Trainer:
+    """Single-model training loop: accumulation, clipping, skip on non-finite, eval, checkpoints."""
+
+    def __init__(self, cfg: Config, run_dir: Path, rt: Runtime):
+        from .data import TokenDataset, WindowLoader, stdlib_corpus
+
+        self.cfg, self.run_dir, self.rt = cfg, run_dir, rt
+        self.derived = derive(cfg, rt.world_size)
+        d = self.derived
+        if d.tp > 1 or d.cp > 1:
+            raise ValueError(f"tp={d.tp}, cp={d.cp}: tensor and context parallelism are not wired into the trainer "
+                             f"yet (issues 4 and 5); this trainer runs data parallel only (tp=cp=1)")
+        torch.manual_seed(cfg.train.seed)
+        source = cfg.data.source
+        shard_dir = stdlib_corpus(verbose=rt.is_main) if source == "stdlib" else source
+        self.train_ds = TokenDataset(shard_dir, "train")
+        try:
+            self.val_ds = TokenDataset(shard_dir, "val")
+        except ValueError:
+            self.val_ds = None
+        if self.train_ds.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"the data's tokenizer has {self.train_ds.vocab_size} tokens but model.vocab_size="
+                             f"{cfg.model.vocab_size}; set --set model.vocab_size={self.train_ds.vocab_size}")
+        self.eos_id = self.train_ds.eos_id
+        dp_rank = rt.rank  # tp = cp = 1: every rank is its own data-parallel rank
+        self.loader = WindowLoader(self.train_ds, cfg.train.micro_batch_size, cfg.data.seq_len, seed=cfg.train.seed,
+                                   dp_rank=dp_rank, dp_size=d.dp)
+        self.model = FoxLM(cfg.model, acp_eps=cfg.kernels.acp_eps, attention_impl=cfg.kernels.attention_impl)
+        self.model.to(rt.device)
+        self.ddp = None
+        if rt.distributed:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        self.opt = build_optimizer(self.model, cfg.optim)
+        dtype = cfg.train.dtype
+        self.amp_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and rt.device.type == "cuda") else None
+        self.step = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.peak = peak_flops(rt.device)
+
+    # ---- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "optim": self.opt.state_dict(),
+                "loader": self.loader.state_dict(), "rng": rng_state(), "skipped_total": self.skipped_total,
+                "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.skipped_total = state.get("skipped_total", 0)
+
+    def save(self) -> Path | None:
+        path = None
+        if self.rt.is_main:
+            c = self.cfg.checkpoint
+            path = save_checkpoint(self.run_dir, self.step, self.state_dict(), c.keep_last, c.keep_every)
+        if self.rt.distributed:
+            dist.barrier()
+        return path
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.rt.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.rt.device, non_blocking=True)
+        x, y = batch[:, :-1], batch[:, 1:]
+        cu = document_cu_seqlens(x, self.eos_id) if self.cfg.data.document_masking else None
+        with self._autocast():
+            return (self.ddp or self.model)(x, y, cu_seqlens=cu)
+
+    def train_step(self) -> dict:
+        accum = self.derived.grad_accum
+        lr = lr_at(self.step, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.acp_stats.reset()
+        total = torch.zeros((), device=self.rt.device)
+        for i in range(accum):
+            sync = self.ddp is None or i == accum - 1
+            with nullcontext() if sync else self.ddp.no_sync():
+                loss = self._loss(next(self.loader))
+                (loss / accum).backward()
+            total += loss.detach() / accum
+        if self.rt.distributed:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        clip = self.cfg.train.grad_clip
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        loss_v, gnorm_v = total.item(), gnorm.item()
+        finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+        if finite:
+            self.opt.step()
+            self.consecutive_skips = 0
+        else:
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        st = self.model.acp_stats
+        return {"loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "skipped_steps": self.skipped_total,
+                "acp_pruned_fraction": st.pruned_fraction if self.cfg.kernels.acp_eps is not None else None}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.val_ds is None:
+            return {}
+        from .data import WindowLoader
+
+        self.model.eval()
+        val = WindowLoader(self.val_ds, self.cfg.train.micro_batch_size, self.cfg.data.seq_len, seed=0,
+                           dp_rank=self.rt.rank, dp_size=self.derived.dp)
+        losses = [self._loss(next(val)).float() for _ in range(self.cfg.data.num_val_batches)]
+        self.model.train()
+        v = torch.stack(losses).mean()
+        if self.rt.distributed:
+            dist.all_reduce(v, op=dist.ReduceOp.AVG)
+        return {"val_loss": v.item()}
+
+    def fit(self) -> dict:
+        cfg, rt = self.cfg, self.rt
+        ckpt = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        if ckpt is not None:
+            self.load_state_dict(load_checkpoint(ckpt))
+        if rt.is_main:
+            truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        log = MetricsLogger(self.run_dir, cfg.train.max_steps, self.step, enabled=rt.is_main,
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                            log_every=cfg.logging.log_every)
+        if ckpt is not None:
+            log.message(f"resumed from {ckpt} at step {self.step}")
+        tokens_per_step = self.derived.tokens_per_step
+        last = {}
+        try:
+            stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+            while self.step < stop:
+                if rt.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(rt.device)
+                t0 = time.perf_counter()
+                m = self.train_step()
+                dt = time.perf_counter() - t0
+                tps = tokens_per_step / dt
+                m.update(step_time_s=dt, tokens_per_s=tps, tokens_per_s_per_device=tps / rt.world_size,
+                         tokens=self.step * tokens_per_step,
+                         tflops_per_device=self.flops_per_token * tps / rt.world_size / 1e12)
+                if self.peak:
+                    m["mfu"] = self.flops_per_token * tps / rt.world_size / self.peak
+                if rt.device.type == "cuda":
+                    m["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+                log.log(self.step, m)
+                last = m
+                if self.consecutive_skips >= cfg.train.max_skipped_steps:
+                    self.save()
+                    raise RuntimeError(f"{self.consecutive_skips} consecutive steps had a non-finite loss or "
+                                       f"gradient norm (last loss {m['loss']}, grad norm {m['grad_norm']}); "
+                                       f"stopped with a checkpoint of the last good state in {self.run_dir}")
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    log.log_eval(self.step, self.evaluate())
+                if self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+                    self.save()
+            final = self.save()
+            ev = self.evaluate()
+            if ev:
+                log.log_eval(self.step, ev)
+            if rt.is_main:
+                log.message(f"done: {self.step} steps, final loss {last.get('loss', float('nan')):.4f}"
+                            + (f", val loss {ev['val_loss']:.4f}" if ev else ""))
+                log.message(f"run directory: {self.run_dir.resolve()}\n  checkpoint:  {final}\n  "
+                            f"metrics:     {self.run_dir.resolve() / 'metrics.jsonl'}\n  tensorboard: "
+                            f"tensorboard --logdir {self.run_dir.resolve() / 'tb'}")
+            return {**last, **ev}
+        finally:
+            log.close()
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """Validate, set up the runtime, train, and return the last step's metrics."""
+    rt = init_runtime(cfg.train.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+    derived = derive(cfg, rt.world_size)  # validate before touching data or devices
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(cfg, run_dir)
+    if rt.is_main:
+        write_config(cfg, derived, run_dir / "config.json")
+        print(f"foxdist: recipe {cfg.recipe}, world {rt.world_size} (tp {derived.tp} cp {derived.cp} dp "
+              f"{derived.dp}), device {rt.device}, {derived.tokens_per_step:,} tokens/step, "
+              f"grad accumulation {derived.grad_accum}; run dir {run_dir}", flush=True)
+    try:
+        return Trainer(cfg, run_dir, rt).fit()
+    finally:
+        if rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_train_args(argparse.ArgumentParser(prog="foxdist train", description=__doc__,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    try:
+        cfg, run_dir = resolve_config(args)
+        derive(cfg, launch_env()[1])  # fail on bad degrees before any process group or data exists
+        run(cfg, run_dir)
+    except ValueError as e:
+        parser.exit(2, f"foxdist train: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

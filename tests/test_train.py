@@ -1,0 +1,110 @@
+"""Trainer and CLI end to end on the stdlib corpus: run dir contents, loss falls, exact resume, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from foxdist.checkpoint import latest_checkpoint, load_checkpoint
+from foxdist.config import apply_overrides, load_recipe
+from foxdist.train import main, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "debug.py") + ":tiny"
+
+
+def _cfg(run_dir, *overrides):
+    cfg = apply_overrides(load_recipe(TINY), list(overrides))
+    cfg.logging.run_dir = str(run_dir)
+    return cfg
+
+
+def _metrics(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if not r.get("eval")]
+
+
+def test_cli_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "foxdist.train", "--recipe", TINY, "--set", "train.max_steps=4",
+                          "--set", "checkpoint.every=2", "--run-dir", str(run_dir)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "run directory" in out.stdout and "metrics.jsonl" in out.stdout
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 4 and cfg["derived"]["grad_accum"] == 2
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert latest_checkpoint(run_dir).name == "step_00000004"
+    assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+
+
+def test_console_script_errors(tmp_path, capsys):
+    """Bad recipe paths, functions, --set keys and layouts exit 2 with a clear message, before training."""
+    cases = [
+        (["--recipe", "nope/missing.py:cpu"], "recipe file 'nope/missing.py' not found"),
+        (["--recipe", str(ROOT / "recipes" / "debug.py") + ":nosuch"], "it defines: cpu, cpu_llama"),
+        (["--recipe", "recipes/debug.py"], "expects FILE:FUNCTION"),
+        (["--recipe", TINY, "--set", "train.max_stepz=3"], "valid keys of [train]: max_steps"),
+        (["--recipe", TINY, "--set", "trian.max_steps=3"], "valid sections: model"),
+        (["--recipe", TINY, "--set", "train.max_steps=three"], "expected a value of type int"),
+        (["--recipe", TINY, "--set", "parallel.tp=3"], "world size 1 is not divisible by tp*cp = 3*1"),
+        (["--recipe", TINY, "--set", "train.global_batch_size=6"], "multiple of micro_batch_size * dp = 4 * 1"),
+        (["--recipe", TINY, "--set", "parallel.cp_mode=rings"], "parallel.cp_mode='rings' is not one of"),
+    ]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv + ["--run-dir", str(tmp_path / "x")])
+        assert exc.value.code == 2
+        assert msg in capsys.readouterr().err, msg
+    assert not (tmp_path / "x").exists()
+    out = subprocess.run([sys.executable, "-m", "foxdist", "train", "--recipe", TINY, "--set", "model.d_modle=8"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "valid keys of [model]" in out.stderr and "d_model" in out.stderr
+
+
+def test_loss_falls_and_resume_is_bitwise(tmp_path):
+    steps = 12
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(_cfg(straight, f"train.max_steps={steps}", "checkpoint.every=100"), straight)
+    rows = _metrics(straight)
+    assert len(rows) == steps
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, [r["loss"] for r in rows]
+
+    run(_cfg(resumed, f"train.max_steps={steps}", "train.stop_at_step=5", "checkpoint.every=100"), resumed)
+    assert latest_checkpoint(resumed).name == "step_00000005"
+    run(_cfg(resumed, f"train.max_steps={steps}", "checkpoint.every=100"), resumed)
+    rows_r = _metrics(resumed)
+    assert [r["step"] for r in rows_r] == list(range(1, steps + 1))
+    for a, b in zip(rows, rows_r):
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), (a, b)
+    sa = load_checkpoint(latest_checkpoint(straight))
+    sb = load_checkpoint(latest_checkpoint(resumed))
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    assert sa["loader"] == sb["loader"]
+
+
+def test_resume_refuses_other_model(tmp_path):
+    d = tmp_path / "r"
+    run(_cfg(d, "train.max_steps=1"), d)
+    with pytest.raises(ValueError, match="model.d_model: 64 -> 96"):
+        run(_cfg(d, "train.max_steps=2", "model.d_model=96"), d)
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        run(_cfg(d, "train.max_steps=2", "checkpoint.resume=false"), d)
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    d = tmp_path / "nan"
+    # an absurd learning rate makes the weights overflow after the first update
+    with pytest.raises(RuntimeError, match="consecutive steps had a non-finite"):
+        run(_cfg(d, "train.max_steps=10", "optim.lr=1e30", "schedule.warmup_steps=0",
+                 "train.max_skipped_steps=2", "train.grad_clip=0"), d)
+    rows = _metrics(d)
+    assert rows[-1]["skipped_steps"] == 2
+    assert latest_checkpoint(d) is not None
