@@ -1,0 +1,356 @@
+"""Ring attention for FoX: key/value blocks travel with their chunk-local prefix sums.
+
+Every ring rank holds one or two *ring chunks* (a layout over the ring). The forward pass:
+
+1. chunk-local inclusive prefix sums ``cl`` of the log gates (dtype of g) for each local chunk;
+2. one all-gather of the per-chunk totals ``T_k`` and an exclusive scan in fp64 over the global chunk
+   order gives offsets ``off_k``; query chunk ``a`` and key chunk ``b`` see the decay
+   ``c_i - c_j = (off_a - off_b) + cl_i - cl_j``, so no large absolute prefix sum is ever formed;
+3. K, V and the keys' ``cl`` are packed into ONE byte buffer that moves one hop per step along the
+   ring (P2P, matched send/recv pairs only, double buffered: the next block is in flight while the
+   current one is computed); each (query chunk, key chunk) pair runs the block primitive and partial
+   outputs are merged in fp32/fp64 by their LSE.
+
+A static plan, identical on every rank, says which chunk pairs have any unmasked entry (causality,
+documents). A key buffer is forwarded only while some later rank on its path still needs it, so
+the contiguous layout does not wrap around, and fully masked pairs are never computed.
+
+Backward repeats the KV ring and lets a dK/dV/dck accumulator travel with each KV block, one hop
+behind; the last rank that needs a block sends the accumulator straight home. The gate gradient is
+the local reverse cumsum of ``dc`` plus the suffix sum of later chunks' totals ``dT_k`` (one small
+all-gather), exactly the reverse cumsum of the single-device path.
+
+Packed documents (``cu_seqlens``): the decay of a same-document pair does not depend on where
+prefix sums restart, and the sum of ``dc`` over a document is zero (every row of ``dS`` sums to 0),
+so only the mask changes: each chunk pair is split into per-document sub-blocks (a diagonal pair
+into one causal sub-block per document, an off-diagonal pair into at most one full sub-block for
+the document spanning both chunks) and the block primitive runs on those unchanged.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..ops.block import block_attention_bwd, block_attention_fwd, merge_lse
+from .layout import Layout, all_gather_stack
+
+TAG_KV, TAG_DKV, TAG_HOME = 11, 12, 13
+
+
+def block_fns(device: torch.device):
+    """The block primitive: Triton kernels on CUDA when ``foxkernels`` imports, else PyTorch."""
+    if device.type == "cuda":
+        try:
+            from foxkernels import block_attention_bwd as kb, block_attention_fwd as kf
+            return kf, kb
+        except ImportError:
+            pass
+    return block_attention_fwd, block_attention_bwd
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+def pair_blocks(a: int, b: int, n: int, docs: list[tuple[int, int]] | None, starts: list[int] | None):
+    """Unmasked sub-blocks of query chunk ``a`` x key chunk ``b`` (chunk length n).
+
+    Returns a list of ``(q0, q1, k0, k1, causal)`` in chunk-local coordinates.
+    """
+    if b > a:
+        return []
+    if docs is None:
+        return [(0, n, 0, n, a == b)]
+    a0, a1, b0, b1 = a * n, (a + 1) * n, b * n, (b + 1) * n
+    out = []
+    # documents overlapping chunk a: from the one containing a0 up to the one containing a1 - 1
+    first = max(bisect.bisect_right(starts, a0) - 1, 0)
+    for s, e in docs[first:]:
+        if s >= a1:
+            break
+        lo, hi = max(s, a0), min(e, a1)
+        if lo >= hi:
+            continue
+        if a == b:
+            out.append((lo - a0, hi - a0, lo - a0, hi - a0, True))
+        else:
+            klo, khi = max(s, b0), min(e, b1)
+            if klo < khi:
+                out.append((lo - a0, hi - a0, klo - b0, khi - b0, False))
+    return out
+
+
+@dataclass
+class RingPlan:
+    """Static schedule of a ring of ``size`` ranks over ``layout``: same on every rank."""
+
+    layout: Layout
+    chunk_len: int
+    pairs: dict = field(default_factory=dict)  # (rank, origin) -> [(ia, ib, a, b, sub-blocks)]
+    last: list = field(default_factory=list)  # last[p]: last step at which origin p's KV is used
+    steps: int = 0
+
+    @classmethod
+    def build(cls, layout: Layout, t_global: int, cu_seqlens: list[int] | None = None) -> "RingPlan":
+        n = layout.chunk_len(t_global)
+        docs = starts = None
+        if cu_seqlens is not None:
+            docs = [(s, e) for s, e in zip(cu_seqlens, cu_seqlens[1:]) if e > s]
+            starts = [s for s, _ in docs]
+        plan = cls(layout, n)
+        w = layout.world
+        for r in range(w):
+            for p in range(w):
+                lst = []
+                for ia, a in enumerate(layout.chunks(r)):
+                    for ib, b in enumerate(layout.chunks(p)):
+                        blocks = pair_blocks(a, b, n, docs, starts)
+                        if blocks:
+                            lst.append((ia, ib, a, b, blocks))
+                if lst:
+                    plan.pairs[(r, p)] = lst
+        for p in range(w):
+            plan.last.append(max(s for s in range(w) if ((p + s) % w, p) in plan.pairs or s == 0))
+        plan.steps = max(plan.last) + 1
+        return plan
+
+    def holds(self, rank: int, step: int) -> bool:
+        """Whether ``rank`` holds a KV block at ``step`` (origin ``rank - step``)."""
+        return step <= self.last[(rank - step) % self.layout.world]
+
+
+# ----------------------------------------------------------------------------------- communication
+
+class RingComm:
+    """P2P and small collectives of one ring, addressed by ring rank, inside a (larger) cp group."""
+
+    def __init__(self, group, members: list[int], me: int, group_size: int):
+        self.group = group
+        self.members = members  # ring rank -> rank in the cp group
+        self.me = me  # my ring rank
+        self.size = len(members)
+        self.group_size = group_size
+        self.globals = [dist.get_global_rank(group, m) if group is not None else m for m in members] \
+            if group_size > 1 else members
+
+    def exchange(self, sends, recvs):
+        """Post matched P2P ops: ``sends``/``recvs`` are lists of ``(tensor, ring_peer, tag)``."""
+        ops = [dist.P2POp(dist.isend, t, self.globals[p], self.group, tag) for t, p, tag in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.globals[p], self.group, tag) for t, p, tag in recvs]
+        return _Pending(dist.batch_isend_irecv(ops) if ops else [], [t for t, _, _ in sends])
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """All-gather over the cp group, keep the ring members' entries (ring order)."""
+        out = all_gather_stack(x, self.group, self.group_size)
+        return [out[m] for m in self.members]
+
+
+class _Pending:
+    """Works of one batch of P2P ops, waited at most once (a gloo recv waited twice blocks), keeping
+    the send buffers alive until then."""
+
+    def __init__(self, works, buffers):
+        self.works, self.buffers = works, buffers
+
+    def wait(self):
+        for w in self.works:
+            w.wait()
+        self.works, self.buffers = [], []
+
+
+def _wait(reqs):
+    reqs.wait()
+
+
+def pack(tensors: list[torch.Tensor]):
+    """Concatenate tensors of any dtypes into one uint8 buffer (16-byte aligned pieces)."""
+    meta, off = [], 0
+    for t in tensors:
+        nb = t.numel() * t.element_size()
+        meta.append((tuple(t.shape), t.dtype, off, nb))
+        off += -(-nb // 16) * 16
+    buf = torch.empty(off, dtype=torch.uint8, device=tensors[0].device)
+    for t, (_, _, o, nb) in zip(tensors, meta):
+        buf[o:o + nb].copy_(t.contiguous().view(-1).view(torch.uint8))
+    return buf, meta
+
+
+def unpack(buf: torch.Tensor, meta) -> list[torch.Tensor]:
+    return [buf[o:o + nb].view(dtype).view(shape) for shape, dtype, o, nb in meta]
+
+
+# ------------------------------------------------------------------------------------- attention
+
+def _prefix_sums(g: torch.Tensor, n: int):
+    """Per local chunk of length n: forward sums ``cl`` (from the chunk start, inclusive), key-side
+    sums to the chunk END ``ckr_j = -sum_{u > j in chunk} g_u`` (both in g's dtype) and fp64 totals."""
+    b, t, h = g.shape
+    gc = g.view(b, t // n, n, h)
+    cl = gc.cumsum(dim=2).view(b, t, h)
+    suffix = gc.flip(2).cumsum(dim=2).flip(2)  # sum_{u >= j}
+    ckr = -torch.cat([suffix[:, :, 1:], torch.zeros_like(suffix[:, :, :1])], dim=2).view(b, t, h)
+    return cl, ckr, gc.double().sum(dim=2)
+
+
+def _offsets(comm: RingComm, plan: RingPlan, tot: torch.Tensor):
+    """fp64 ``[B, n_chunks, H]`` offsets in global chunk order: sums over chunks before k
+    (exclusive) and up to k (inclusive)."""
+    excl = _global_table(comm, plan, tot, exclusive="prefix")
+    return excl, excl + _global_table(comm, plan, tot, exclusive="none")
+
+
+def _pair_operands(a, b, excl, inc, cl, ckr_b):
+    """Key-side sums and offset of a (query chunk a, key chunk b) pair.
+
+    Diagonal pairs use chunk-start sums on both sides. For b < a the key side is measured from the
+    END of chunk b and the offset is ``sum_{b<k<a} T_k``: the three terms ``offset``, ``cq_i`` and
+    ``-ckr_j`` are all <= 0, so a decay that matters (not hugely negative) is a sum of small numbers
+    and keeps full fp32 accuracy however large the prefix sums before and inside chunk b are.
+    """
+    if a == b:
+        return cl, excl[:, a] - excl[:, b]
+    return ckr_b, excl[:, a] - inc[:, b]
+
+
+def _global_table(comm, plan, local, exclusive):
+    """Gather per-chunk values ``[B, n_local, H]`` of all ring ranks into global order and scan."""
+    parts = comm.all_gather(local)
+    b, _, h = local.shape
+    table = torch.zeros(b, plan.layout.n_chunks, h, dtype=torch.float64, device=local.device)
+    for r, part in enumerate(parts):
+        for i, c in enumerate(plan.layout.chunks(r)):
+            table[:, c] = part[:, i]
+    z = torch.zeros_like(table[:, :1])
+    if exclusive == "none":
+        return table
+    if exclusive == "prefix":  # sum over k' < k
+        return torch.cat([z, table.cumsum(1)[:, :-1]], dim=1)
+    # suffix: sum over k' > k
+    return torch.cat([table.flip(1).cumsum(1)[:, :-1].flip(1), z], dim=1)
+
+
+class RingAttention(torch.autograd.Function):
+    """Ring forgetting attention on ring-local ``q, k, v [B, Tl, H(kv), D]`` and ``g [B, Tl, H]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, comm: RingComm, plan: RingPlan, scale, acp_delta, tile, stats):
+        fwd, _ = block_fns(q.device)
+        me, w, n = comm.me, comm.size, plan.chunk_len
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        b, t, h, d = q.shape
+        cl, ckr, tot = _prefix_sums(g, n)
+        excl, inc = _offsets(comm, plan, tot)
+        nloc = t // n
+        o = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full((b, t, h), float("-inf"), dtype=acc, device=q.device)
+        cur, meta = pack([k, v, ckr])
+        spare = torch.empty_like(cur)
+        for s in range(plan.steps):
+            p = (me - s) % w
+            sends = [(cur, (me + 1) % w, TAG_KV)] if plan.holds(me, s) and s < plan.last[p] else []
+            recvs = [(spare, (me - 1) % w, TAG_KV)] if plan.holds(me, s + 1) else []
+            reqs = comm.exchange(sends, recvs)
+            if plan.holds(me, s) and (me, p) in plan.pairs:
+                kb, vb, ckb = unpack(cur, meta)
+                for ia, ib, a, bb, blocks in plan.pairs[(me, p)]:
+                    ck, od = _pair_operands(a, bb, excl, inc, cl, ckb)
+                    for q0, q1, k0, k1, causal in blocks:
+                        qs, ks = slice(ia * n + q0, ia * n + q1), slice(ib * n + k0, ib * n + k1)
+                        ob, lb = fwd(q[:, qs], kb[:, ks], vb[:, ks], cl[:, qs], ck[:, ks], od, scale=scale,
+                                     causal=causal, acp_delta=acp_delta, tile=tile, stats=stats)
+                        o[:, qs], lse[:, qs] = merge_lse(o[:, qs], lse[:, qs], ob.to(acc), lb.to(acc))
+            _wait(reqs)
+            if recvs:
+                cur, spare = spare, cur
+        out = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, g, out, lse)
+        ctx.cfg = (comm, plan, scale, acp_delta, tile, nloc)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g, o, lse = ctx.saved_tensors
+        comm, plan, scale, acp_delta, tile, nloc = ctx.cfg
+        _, bwd = block_fns(q.device)
+        me, w, n = comm.me, comm.size, plan.chunk_len
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        cl, ckr, tot = _prefix_sums(g, n)
+        excl, inc = _offsets(comm, plan, tot)
+        delta = (do.to(acc) * o.to(acc)).sum(dim=-1)
+        do = do.contiguous()
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        cur, meta = pack([k, v, ckr])
+        spare = torch.empty_like(cur)
+        zero_dkv = [torch.zeros(k.shape, dtype=acc, device=q.device), torch.zeros(v.shape, dtype=acc, device=q.device),
+                    torch.zeros(cl.shape, dtype=acc, device=q.device)]
+        _, dmeta = pack(zero_dkv)
+        incoming = None  # (buffer, reqs) of the dKV accumulator for the block held at the next step
+        home = None
+        pending = []  # outstanding dKV sends and the home receive
+        for s in range(plan.steps):
+            p = (me - s) % w
+            holds = plan.holds(me, s)
+            sends = [(cur, (me + 1) % w, TAG_KV)] if holds and s < plan.last[p] else []
+            recvs = [(spare, (me - 1) % w, TAG_KV)] if plan.holds(me, s + 1) else []
+            reqs = comm.exchange(sends, recvs)
+            dkv = None
+            if holds:
+                dk_s, dv_s, dc_s = [z.clone() for z in zero_dkv]
+                if (me, p) in plan.pairs:
+                    kb, vb, ckb = unpack(cur, meta)
+                    for ia, ib, a, bb, blocks in plan.pairs[(me, p)]:
+                        ck, od = _pair_operands(a, bb, excl, inc, cl, ckb)
+                        for q0, q1, k0, k1, causal in blocks:
+                            qs, ks = slice(ia * n + q0, ia * n + q1), slice(ib * n + k0, ib * n + k1)
+                            dqb, dkb, dvb, dcb = bwd(do[:, qs], q[:, qs], kb[:, ks], vb[:, ks], cl[:, qs], ck[:, ks],
+                                                     od, lse[:, qs], delta[:, qs], scale=scale, causal=causal,
+                                                     acp_delta=acp_delta, tile=tile)
+                            dq[:, qs] += dqb
+                            dk_s[:, ks] += dkb
+                            dv_s[:, ks] += dvb
+                            dc_s[:, ks] += dcb
+                dkv = [dk_s, dv_s, dc_s]
+                if incoming is not None:  # accumulator from the previous holder of this block
+                    _wait(incoming[1])
+                    for x, y in zip(dkv, unpack(incoming[0], dmeta)):
+                        x += y
+                    incoming = None
+            _wait(reqs)
+            if recvs:
+                cur, spare = spare, cur
+            # dKV phase: pass the accumulator on, or send it home after its last use
+            dsends, drecvs = [], []
+            if holds:
+                if s < plan.last[p]:
+                    dsends.append((pack(dkv)[0], (me + 1) % w, TAG_DKV))
+                elif p != me:
+                    dsends.append((pack(dkv)[0], p, TAG_HOME))
+                else:
+                    home = dkv
+            nxt = None
+            if plan.holds(me, s + 1):
+                nxt = torch.empty(pack(zero_dkv)[0].shape, dtype=torch.uint8, device=q.device)
+                drecvs.append((nxt, (me - 1) % w, TAG_DKV))
+            if s == plan.last[me] and s > 0:
+                home_buf = torch.empty_like(pack(zero_dkv)[0])
+                drecvs.append((home_buf, (me + s) % w, TAG_HOME))
+            dreqs = comm.exchange(dsends, drecvs)
+            if nxt is not None:
+                incoming = (nxt, dreqs)
+            pending.append(dreqs)
+            if s == plan.last[me] and s > 0:
+                _wait(dreqs)
+                home = [x.clone() for x in unpack(home_buf, dmeta)]
+        for r in pending:
+            _wait(r)
+        dk, dv, dc = home
+        # dg_u = sum_{t >= u} dc_t: reverse cumsum inside the chunk + sum over all later chunks
+        b, t, h = g.shape
+        dcl = dc.double().view(b, nloc, n, h)
+        suffix = _global_table(comm, plan, dcl.sum(dim=2), exclusive="suffix")
+        chunks = plan.layout.chunks(me)
+        dg = dcl.flip(2).cumsum(2).flip(2) + suffix[:, chunks][:, :, None]
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.view(b, t, h).to(g.dtype),
+                None, None, None, None, None, None)
