@@ -28,14 +28,16 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 from ..ops.acp import acp_threshold
-from ..ops.attention import forgetting_attention
+from ..ops.attention import IMPLS, forgetting_attention
 from ..ops.block import DEFAULT_TILE
 from .layout import Layout, all_gather_stack, gather as _gather, prev_token as _prev_token
-from .ring import RingAttention, RingComm, RingPlan
+from .ring import RingAttention, RingComm, RingPlan, block_fns
 from .ulysses import UlyssesComm, heads_to_seq, seq_to_heads
 
 MODES = ("ring", "ulysses", "hybrid")
@@ -169,6 +171,10 @@ class CPContext:
         dist.all_reduce(total, group=self.group)
         return _AllReduceIdentityBwd.apply(loss_sum, self.group) / total.to(loss_sum.dtype)
 
+    def sequence(self) -> "CPSequence":
+        """Adapter for the models' sequence-context protocol (``seq=`` of :class:`foxdist.model.FoxLM`)."""
+        return CPSequence(self)
+
     def plan(self, t_global: int, cu_seqlens=None) -> RingPlan:
         key = (t_global, None if cu_seqlens is None else tuple(cu_seqlens))
         if key not in self._plans:
@@ -179,6 +185,38 @@ class CPContext:
     def __repr__(self):
         return (f"CPContext(world={self.world}, rank={self.rank}, layout={self.layout_kind!r}, mode={self.mode!r}, "
                 f"ulysses_degree={self.ulysses_degree})")
+
+
+class CPSequence:
+    """The model-facing view of a :class:`CPContext`: ``attention``, ``prev_token``, ``shift``, ``positions``.
+
+    ``prev_token(x)`` follows the models' protocol (``[B, 1, ...]``: the token before this rank's first
+    local token, zeros at global position 0), which describes a rank holding ONE contiguous piece, so
+    it serves the contiguous layout only. Under zigzag a rank holds two pieces and the token shift
+    must use ``shift(x)`` (the full ``x_{t-1}`` of every local token, halo included).
+    """
+
+    def __init__(self, ctx: CPContext):
+        self.ctx = ctx
+
+    def attention(self, q, k, v, g, *, impl=None, **kw):
+        return context_parallel_attention(q, k, v, g, self.ctx, impl=impl, **kw)
+
+    def shift(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ctx.prev_token(x, dim=1)
+
+    def prev_token(self, x: torch.Tensor):
+        if self.ctx.world == 1:
+            return None
+        if self.ctx.layout.per_rank != 1:
+            raise NotImplementedError(
+                f"prev_token() returns one halo token per rank, but the {self.ctx.layout_kind} layout gives each rank "
+                f"{self.ctx.layout.per_rank} pieces of the sequence; the model's token shift must call "
+                f"seq.shift(x) (full shifted tensor) instead")
+        return self.ctx.prev_token(x, dim=1)[:, :1]
+
+    def positions(self, t_local: int, device) -> torch.Tensor:
+        return self.ctx.positions(t_local * self.ctx.world, device)
 
 
 def _validate(q, k, v, g, ctx: CPContext, cu_seqlens):
@@ -215,7 +253,7 @@ def _global_bound(q, k, scale, ctx: CPContext):
 
 def context_parallel_attention(q, k, v, g, ctx: CPContext, *, scale: float | None = None,
                                cu_seqlens: torch.Tensor | None = None, acp_eps: float | None = None,
-                               acp_bound=None, tile: int = DEFAULT_TILE, stats=None):
+                               acp_bound=None, tile: int = DEFAULT_TILE, stats=None, impl: str | None = None):
     """This rank's part of ``forgetting_attention`` on the full (sharded) sequence.
 
     Args:
@@ -230,6 +268,8 @@ def context_parallel_attention(q, k, v, g, ctx: CPContext, *, scale: float | Non
         acp_bound: U as float, ``[H]`` or ``[B, H]`` (e.g. from :func:`foxdist.ops.qknorm_bound`).
         tile: tile size of the block primitive (ACP granularity).
         stats: optional :class:`foxdist.ops.AcpStats` (this rank's tile counts).
+        impl: ``"auto"`` (Triton kernels on CUDA when ``foxkernels`` imports), ``"reference"`` (PyTorch)
+            or ``"triton"``; default from ``$FOXDIST_ATTENTION_IMPL`` as in ``forgetting_attention``.
     Returns:
         ``o [B, T_local, H, D]`` in q's dtype; differentiable in q, k, v and g.
     """
@@ -237,7 +277,7 @@ def context_parallel_attention(q, k, v, g, ctx: CPContext, *, scale: float | Non
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if ctx.world == 1:
         return forgetting_attention(q, k, v, g, scale=scale, cu_seqlens=cu_seqlens, acp_eps=acp_eps,
-                                    acp_bound=acp_bound, tile=tile, stats=stats)
+                                    acp_bound=acp_bound, tile=tile, stats=stats, impl=impl)
     b, _, h, _ = q.shape
     u = ctx.ulysses_degree
     bound = None
@@ -253,9 +293,13 @@ def context_parallel_attention(q, k, v, g, ctx: CPContext, *, scale: float | Non
         q, k, v, g = (seq_to_heads(x, ctx.ulysses_comm) for x in (q, k, v, g))
     if ctx.mode == "ulysses":
         o = forgetting_attention(q, k, v, g, scale=scale, cu_seqlens=cu_seqlens, acp_eps=acp_eps,
-                                 acp_bound=bound, acp_n=t, tile=tile, stats=stats)
+                                 acp_bound=bound, acp_n=t, tile=tile, stats=stats, impl=impl)
     else:
         plan = ctx.plan(t, None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()])
         delta = None if acp_eps is None else acp_threshold(acp_eps, bound, t).to(q.device)
-        o = RingAttention.apply(q, k, v, g, ctx.ring_comm, plan, scale, delta, tile, stats)
+        impl = impl or os.environ.get("FOXDIST_ATTENTION_IMPL", "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+        fns = block_fns(q.device, impl)
+        o = RingAttention.apply(q, k, v, g, ctx.ring_comm, plan, scale, delta, tile, stats, fns)
     return heads_to_seq(o, ctx.ulysses_comm) if u > 1 else o

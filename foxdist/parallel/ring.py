@@ -41,14 +41,16 @@ from .layout import Layout, all_gather_stack
 TAG_KV, TAG_DKV, TAG_HOME = 11, 12, 13
 
 
-def block_fns(device: torch.device):
-    """The block primitive: Triton kernels on CUDA when ``foxkernels`` imports, else PyTorch."""
-    if device.type == "cuda":
+def block_fns(device: torch.device, impl: str = "auto"):
+    """``(fwd, bwd)`` block primitive: ``foxkernels`` (Triton) for ``"triton"``, or for ``"auto"`` on
+    CUDA when it imports; the PyTorch reference otherwise."""
+    if impl == "triton" or (impl == "auto" and device.type == "cuda"):
         try:
             from foxkernels import block_attention_bwd as kb, block_attention_fwd as kf
             return kf, kb
         except ImportError:
-            pass
+            if impl == "triton":
+                raise
     return block_attention_fwd, block_attention_bwd
 
 
@@ -235,8 +237,8 @@ class RingAttention(torch.autograd.Function):
     """Ring forgetting attention on ring-local ``q, k, v [B, Tl, H(kv), D]`` and ``g [B, Tl, H]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, comm: RingComm, plan: RingPlan, scale, acp_delta, tile, stats):
-        fwd, _ = block_fns(q.device)
+    def forward(ctx, q, k, v, g, comm: RingComm, plan: RingPlan, scale, acp_delta, tile, stats, fns):
+        fwd, _ = fns
         me, w, n = comm.me, comm.size, plan.chunk_len
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, t, h, d = q.shape
@@ -266,14 +268,14 @@ class RingAttention(torch.autograd.Function):
                 cur, spare = spare, cur
         out = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, g, out, lse)
-        ctx.cfg = (comm, plan, scale, acp_delta, tile, nloc)
+        ctx.cfg = (comm, plan, scale, acp_delta, tile, nloc, fns)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, o, lse = ctx.saved_tensors
-        comm, plan, scale, acp_delta, tile, nloc = ctx.cfg
-        _, bwd = block_fns(q.device)
+        comm, plan, scale, acp_delta, tile, nloc, fns = ctx.cfg
+        _, bwd = fns
         me, w, n = comm.me, comm.size, plan.chunk_len
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         cl, ckr, tot = _prefix_sums(g, n)
@@ -353,4 +355,4 @@ class RingAttention(torch.autograd.Function):
         chunks = plan.layout.chunks(me)
         dg = dcl.flip(2).cumsum(2).flip(2) + suffix[:, chunks][:, :, None]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.view(b, t, h).to(g.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
