@@ -91,6 +91,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, pg_tim
         p.start()
     results, errors = {}, {}
     deadline = time.monotonic() + timeout_s
+    clean = False
     try:
         while len(results) + len(errors) < world_size:
             left = deadline - time.monotonic()
@@ -112,12 +113,17 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, pg_tim
             if errors and len(results) + len(errors) < world_size:
                 # give the others a moment to report their own tracebacks, then stop waiting
                 deadline = min(deadline, time.monotonic() + max(pg_timeout_s, 5.0) + 10.0)
+        clean = not errors
     finally:
+        # every rank reported: let them exit (destroy_process_group); otherwise stop them right away
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=10 if clean else 0.1)
         for p in procs:
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
                 p.join(timeout=5)
     if errors:
         raise DistributedTestError(

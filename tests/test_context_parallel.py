@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import Check, DistSuite
+from dist_utils import Check, DistributedTestError, DistSuite, run_distributed
 
 from foxdist.ops import AcpStats, forgetting_attention, naive_forgetting_attention
 from foxdist.parallel.context import CPContext, context_parallel_attention
+from foxdist.parallel.layout import Layout
+from foxdist.parallel.ring import RingPlan
 
 TOL = 1e-10  # fp64 agreement with the single-device reference
 ACP_EPS = math.exp(-10.0)
@@ -365,3 +367,74 @@ def test_world_one_is_single_device():
     o = context_parallel_attention(q, k, v, g, ctx, acp_eps=ACP_EPS)
     assert torch.equal(o, forgetting_attention(q, k, v, g, acp_eps=ACP_EPS))
     assert torch.equal(ctx.prev_token(q)[:, 1:], q[:, :-1]) and not ctx.prev_token(q)[:, 0].any()
+
+
+# ------------------------------------------------------------------------------ schedule (no spawn)
+
+def _work(plan: RingPlan, rank: int, step: int) -> int:
+    """Score entries rank computes at step (causal diagonal blocks count their lower triangle)."""
+    w = plan.layout.world
+    if not plan.holds(rank, step):
+        return 0
+    total = 0
+    for *_, blocks in plan.pairs.get((rank, (rank - step) % w), []):
+        for q0, q1, k0, k1, causal in blocks:
+            total += (q1 - q0) * (q1 - q0 + 1) // 2 if causal else (q1 - q0) * (k1 - k0)
+    return total
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_zigzag_schedule_is_balanced(world):
+    plan = RingPlan.build(Layout("zigzag", world), 2 * world * 16)
+    assert plan.steps == world and all(m == world - 1 for m in plan.last)  # everyone needs every block
+    for s in range(plan.steps):  # equal work on every rank at every step: nobody waits in the ring
+        assert len({_work(plan, r, s) for r in range(world)}) == 1, s
+    # the whole causal triangle is covered exactly once
+    t = 2 * world * 16
+    assert sum(_work(plan, r, s) for r in range(world) for s in range(plan.steps)) == t * (t + 1) // 2
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_contiguous_schedule_does_not_wrap(world):
+    plan = RingPlan.build(Layout("contiguous", world), world * 16)
+    # a block travels only towards later ranks: origin p is last used by rank world-1
+    assert plan.last == [world - 1 - p for p in range(world)]
+    assert sum(plan.last) == world * (world - 1) // 2  # KV hops, vs world*(world-1) for a full ring
+    t = world * 16
+    assert sum(_work(plan, r, s) for r in range(world) for s in range(plan.steps)) == t * (t + 1) // 2
+
+
+def test_documents_prune_the_schedule():
+    # documents that never cross a chunk boundary: no pair outside the diagonal, no communication
+    plan = RingPlan.build(Layout("zigzag", 4), 64, cu_seqlens=[0, 3, 8, 16, 24, 30, 32, 40, 48, 56, 64])
+    assert plan.steps == 1 and set(plan.pairs) == {(r, r) for r in range(4)}
+    # one document spanning chunks 1..3 (tokens 8..32 with chunks of 8): only its pairs remain
+    plan = RingPlan.build(Layout("contiguous", 8), 64, cu_seqlens=[0, 8, 32, 64])
+    assert plan.last[1] == 2 and plan.last[0] == 0 and plan.last[3] == 0
+    assert sum(_work(plan, r, s) for r in range(8) for s in range(plan.steps)) == \
+        sum(n * (n + 1) // 2 for n in (8, 24, 32))
+
+
+# --------------------------------------------------------------------------- the harness itself
+
+def _fail_on_rank1(rank, world):
+    import torch.distributed as dist
+
+    if rank == 1:
+        raise KeyError("deliberate failure on rank 1")
+    dist.all_reduce(torch.ones(1))  # rank 0 waits for a collective rank 1 never joins
+    return rank
+
+
+def _sleep(rank, world):
+    import time
+
+    time.sleep(60)
+
+
+def test_harness_reports_worker_tracebacks_and_timeouts():
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_fail_on_rank1, 2, timeout_s=60, pg_timeout_s=3)
+    assert "deliberate failure on rank 1" in str(info.value) and "--- rank 1 ---" in str(info.value)
+    with pytest.raises(DistributedTestError, match="timed out"):
+        run_distributed(_sleep, 2, timeout_s=3)

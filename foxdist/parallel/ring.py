@@ -5,8 +5,9 @@ Every ring rank holds one or two *ring chunks* (a layout over the ring). The for
 1. chunk-local inclusive prefix sums ``cl`` of the log gates (dtype of g) for each local chunk;
 2. one all-gather of the per-chunk totals ``T_k`` and an exclusive scan in fp64 over the global chunk
    order gives offsets ``off_k``; query chunk ``a`` and key chunk ``b`` see the decay
-   ``c_i - c_j = (off_a - off_b) + cl_i - cl_j``, so no large absolute prefix sum is ever formed;
-3. K, V and the keys' ``cl`` are packed into ONE byte buffer that moves one hop per step along the
+   ``c_i - c_j = (off_a - off_b) + cl_i - cl_j``, so no large absolute prefix sum is ever formed
+   (the kernels receive only the per-head offset difference);
+3. K, V and the keys' prefix sums are packed into ONE byte buffer that moves one hop per step along the
    ring (P2P, matched send/recv pairs only, double buffered: the next block is in flight while the
    current one is computed); each (query chunk, key chunk) pair runs the block primitive and partial
    outputs are merged in fp32/fp64 by their LSE.
@@ -19,6 +20,17 @@ Backward repeats the KV ring and lets a dK/dV/dck accumulator travel with each K
 behind; the last rank that needs a block sends the accumulator straight home. The gate gradient is
 the local reverse cumsum of ``dc`` plus the suffix sum of later chunks' totals ``dT_k`` (one small
 all-gather), exactly the reverse cumsum of the single-device path.
+
+Overlap on GPU: with NCCL, ``batch_isend_irecv`` runs the transfers on the process group's own
+CUDA stream (ordered after the work already queued on the current stream when they are posted),
+so the block computation on the current stream overlaps the next transfer; ``wait()`` makes the
+current stream wait for the transfer before the received buffer is used.
+
+Precision: the query side uses sums from the start of its chunk, the key side of an off-diagonal
+pair sums to the END of its chunk (``ckr``), and the fp64 offset covers only the chunks strictly in
+between. Each of the three terms of a decay is then <= 0 and no larger in magnitude than the decay
+itself, so decays that matter are computed to full fp32 accuracy whatever the absolute position
+(diagonal pairs use chunk-start sums on both sides, like the single-device kernel).
 
 Packed documents (``cu_seqlens``): the decay of a same-document pair does not depend on where
 prefix sums restart, and the sum of ``dc`` over a document is zero (every row of ``dS`` sums to 0),
@@ -287,7 +299,9 @@ class RingAttention(torch.autograd.Function):
         spare = torch.empty_like(cur)
         zero_dkv = [torch.zeros(k.shape, dtype=acc, device=q.device), torch.zeros(v.shape, dtype=acc, device=q.device),
                     torch.zeros(cl.shape, dtype=acc, device=q.device)]
-        _, dmeta = pack(zero_dkv)
+        dbuf, dmeta = pack(zero_dkv)
+        dbytes = dbuf.numel()
+        del dbuf
         incoming = None  # (buffer, reqs) of the dKV accumulator for the block held at the next step
         home = None
         pending = []  # outstanding dKV sends and the home receive
@@ -333,10 +347,10 @@ class RingAttention(torch.autograd.Function):
                     home = dkv
             nxt = None
             if plan.holds(me, s + 1):
-                nxt = torch.empty(pack(zero_dkv)[0].shape, dtype=torch.uint8, device=q.device)
+                nxt = torch.empty(dbytes, dtype=torch.uint8, device=q.device)
                 drecvs.append((nxt, (me - 1) % w, TAG_DKV))
             if s == plan.last[me] and s > 0:
-                home_buf = torch.empty_like(pack(zero_dkv)[0])
+                home_buf = torch.empty(dbytes, dtype=torch.uint8, device=q.device)
                 drecvs.append((home_buf, (me + s) % w, TAG_HOME))
             dreqs = comm.exchange(dsends, drecvs)
             if nxt is not None:
