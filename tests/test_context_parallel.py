@@ -94,6 +94,19 @@ def check_attention(rank, world, mode="ring", layout="zigzag", ulysses_degree=1,
     return out
 
 
+def check_subgroup(rank, world, mode="ring", layout="zigzag", t=48):
+    """cp groups that are strided subgroups of the world (tp=2 innermost: cp groups {0, 2} and {1, 3}),
+    each running its own problem: P2P peers and collectives must stay inside the group."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # collective: every rank creates both
+    ctx = CPContext(groups[rank % 2], layout=layout, mode=mode)
+    assert ctx.world == 2 and ctx.rank == rank // 2
+    full = _inputs(100 + rank % 2, t)  # different data in the two groups
+    errs = _run_pair(ctx, full, lambda q, k, v, g: naive_forgetting_attention(q, k, v, g))
+    return errs
+
+
 def check_precision(rank, world, layout="zigzag", t=64):
     """fp32 inputs, prefix sum reaching -1e6 in the first chunk, near-1 gates afterwards.
 
@@ -289,6 +302,8 @@ CHECKS_4 = [
     _attn("hybrid_contiguous_gqa", mode="hybrid", layout="contiguous", ulysses_degree=2, hkv=2),
     _attn("hybrid_zigzag_gqa1_docs", mode="hybrid", layout="zigzag", ulysses_degree=2, t=96, hkv=1, docs=DOCS_96),
     _attn("hybrid_zigzag_acp", mode="hybrid", layout="zigzag", ulysses_degree=2, t=96, acp=True, tile=4),
+    Check("subgroup_ring_zigzag", check_subgroup, {"mode": "ring", "layout": "zigzag"}),
+    Check("subgroup_ulysses_contiguous", check_subgroup, {"mode": "ulysses", "layout": "contiguous"}),
     Check("layout_ops_zigzag", check_layout_ops, {"layout": "zigzag"}),
     Check("errors", check_errors),
 ]
