@@ -76,10 +76,10 @@ def _acp_bound_kernel(CQ, CK, BQ, BK, DELTA, BOUND, CU_Q, CU_K,
     u = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
-    qs = tl.load(CU_Q + z)
-    lq = tl.load(CU_Q + z + 1) - qs
-    ks = tl.load(CU_K + z)
-    lk = tl.load(CU_K + z + 1) - ks
+    qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
+    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
+    ks = tl.load(CU_K + z).to(tl.int64)
+    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
     i0 = u * TILE
     if i0 < lq:
         # c of the unit's first query (fp64: tile-local fp32 + fp64 base)
@@ -110,7 +110,7 @@ def _acp_bound_kernel(CQ, CK, BQ, BK, DELTA, BOUND, CU_Q, CU_K,
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, row2, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+def _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
               s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
               BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     for j0 in range(lo, hi, BN):
@@ -122,13 +122,17 @@ def _fwd_tile(acc, l_i, m_i, q, row2, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, o
             vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :],
                          mask=kmask[:, None], other=0.0)
             ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0)
+            bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h, mask=kmask, other=0.0)
         else:
             kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
             vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :])
             ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h)
-        dd = (bq - tl.load(BK + (ks + j0) * s_bk_t + h * s_bk_h)).to(tl.float32)
+            bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h)
+        # column term (log2 units): decay_ij = cq_i - colb_j; the row term cq_i is constant along the
+        # whole row, so it is left out of the softmax and added to the lse at the end
+        colb = (ck - (bq - bk).to(tl.float32)) * 1.4426950408889634
         qk = tl.dot(q, kT)
-        s = qk * sm_scale2 + (row2 + dd * 1.4426950408889634)[:, None] - (ck * 1.4426950408889634)[None, :]
+        s = qk * sm_scale2 - colb[None, :]
         if MASKED:
             ok = kn[None, :] < lk
             if CAUSAL:
@@ -153,10 +157,10 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
-    qs = tl.load(CU_Q + z)
-    lq = tl.load(CU_Q + z + 1) - qs
-    ks = tl.load(CU_K + z)
-    lk = tl.load(CU_K + z + 1) - ks
+    qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
+    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
+    ks = tl.load(CU_K + z).to(tl.int64)
+    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
     mt = tl.num_programs(0) - 1 - pid  # heaviest (last) query tiles first
     i0 = mt * BM
     if i0 < lq:
@@ -181,16 +185,16 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
         m_i = tl.full([BM], -1.0e30, tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, row2, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full,
                                   sm_scale2, BN, False, CAUSAL)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, row2, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
                                   tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL)
         has = l_i > 0.0
         l_safe = tl.where(has, l_i, 1.0)
         o = acc / l_safe[:, None]
-        lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(has, (m_i + tl.log2(l_safe) + row2) * 0.6931471805599453, float("-inf"))
         tl.store(O + (qs + offs_m)[:, None] * s_o_t + h * s_o_h + offs_d[None, :], o.to(O.dtype.element_ty),
                  mask=rmask[:, None])
         tl.store(LSE + (qs + offs_m) * s_l_t + h * s_l_h, lse, mask=rmask)
@@ -200,24 +204,24 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
 # backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_pre_kernel(O, DO, LSE, DELTA, LSE2, N, s_o_t, s_o_h, s_do_t, s_do_h, s_l_t, s_l_h,
+def _bwd_pre_kernel(O, DO, LSE, DELTA, LSE2, N, s_o_t, s_o_h, s_do_t, s_do_h, s_l_t, s_l_h, s_r_t, s_r_h,
                     D: tl.constexpr, BLK: tl.constexpr):
     """delta_i = do_i . o_i (fp32) and lse2_i = lse_i * log2(e) (+inf for rows without keys)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    rows = pid * BLK + tl.arange(0, BLK)
+    rows = pid.to(tl.int64) * BLK + tl.arange(0, BLK)
     rm = rows < N
     offs_d = tl.arange(0, D)
     o = tl.load(O + rows[:, None] * s_o_t + h * s_o_h + offs_d[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + rows[:, None] * s_do_t + h * s_do_h + offs_d[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + rows * s_l_t + h * s_l_h, tl.sum(o * do, 1), mask=rm)
+    tl.store(DELTA + rows * s_r_t + h * s_r_h, tl.sum(o * do, 1), mask=rm)
     lse = tl.load(LSE + rows * s_l_t + h * s_l_h, mask=rm, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    tl.store(LSE2 + rows * s_l_t + h * s_l_h, lse2, mask=rm)
+    tl.store(LSE2 + rows * s_r_t + h * s_r_h, lse2, mask=rm)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, row2, lse2, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+def _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
              s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
              BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     for j0 in range(lo, hi, BN):
@@ -229,19 +233,21 @@ def _dq_tile(dq, q, do, row2, lse2, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m,
             vT = tl.load(V + (ks + kn)[None, :] * s_v_t + hk * s_v_h + offs_d[:, None],
                          mask=kmask[None, :], other=0.0)
             ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0)
+            bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h, mask=kmask, other=0.0)
         else:
             kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
             vT = tl.load(V + (ks + kn)[None, :] * s_v_t + hk * s_v_h + offs_d[:, None])
             ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h)
-        dd = (bq - tl.load(BK + (ks + j0) * s_bk_t + h * s_bk_h)).to(tl.float32)
+            bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h)
+        colb = (ck - (bq - bk).to(tl.float32)) * 1.4426950408889634
         qk = tl.dot(q, kT)
-        s = qk * sm_scale2 + (row2 + dd * 1.4426950408889634)[:, None] - (ck * 1.4426950408889634)[None, :]
+        s = qk * sm_scale2 - colb[None, :]
         if MASKED:
             ok = kn[None, :] < lk
             if CAUSAL:
                 ok = ok & (kn[None, :] <= offs_m[:, None])
             s = tl.where(ok, s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(s - lse2r[:, None])
         dp = tl.dot(do, vT)
         ds = p * (dp - di[:, None])
         dq = dq + tl.dot(ds.to(kT.dtype), tl.trans(kT))
@@ -258,10 +264,10 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
-    qs = tl.load(CU_Q + z)
-    lq = tl.load(CU_Q + z + 1) - qs
-    ks = tl.load(CU_K + z)
-    lk = tl.load(CU_K + z + 1) - ks
+    qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
+    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
+    ks = tl.load(CU_K + z).to(tl.int64)
+    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
     mt = tl.num_programs(0) - 1 - pid
     i0 = mt * BM
     if i0 < lq:
@@ -277,7 +283,7 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
         lse2 = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
         bq = tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
-        row2 = cq * 1.4426950408889634
+        lse2r = lse2 - cq * 1.4426950408889634  # the row term of the decay moves into the row statistic
         lo = 0
         if USE_ACP:
             lo = tl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
@@ -288,10 +294,10 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
             hi_full = (lk // BN) * BN
             hi = lk
         dq = tl.zeros([BM, D], tl.float32)
-        dq = _dq_tile(dq, q, do, row2, lse2, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+        dq = _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full, sm_scale2,
                       BN, False, CAUSAL)
-        dq = _dq_tile(dq, q, do, row2, lse2, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+        dq = _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, tl.maximum(hi_full, lo), hi,
                       sm_scale2, BN, True, CAUSAL)
         tl.store(DQ + (qs + offs_m)[:, None] * s_dq_t + h * s_dq_h + offs_d[None, :],
@@ -311,12 +317,14 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h
         cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
         lse2 = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
-        dd = (tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h) - bk).to(tl.float32)
+        bq = tl.load(BQ + (qs + offs_m) * s_bq_t + h * s_bq_h, mask=rmask, other=0.0)
+        # decay = (cq_i + bq_i - bk) - ck_j: the query-side part joins the row statistic ([BM] work)
+        lse2r = lse2 - (cq + (bq - bk).to(tl.float32)) * 1.4426950408889634
         sT = tl.dot(k, qT)  # [BN, BM]
-        sT = sT * sm_scale2 + ((cq + dd) * 1.4426950408889634)[None, :] - col2[:, None]
+        sT = sT * sm_scale2 - col2[:, None]
         if MASKED:
             sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
-        pT = tl.exp2(sT - lse2[None, :])
+        pT = tl.exp2(sT - lse2r[None, :])
         dv = dv + tl.dot(pT.to(do.dtype), do)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - di[None, :])
@@ -335,10 +343,10 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, BOUND, CU
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
-    qs = tl.load(CU_Q + z)
-    lq = tl.load(CU_Q + z + 1) - qs
-    ks = tl.load(CU_K + z)
-    lk = tl.load(CU_K + z + 1) - ks
+    qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
+    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
+    ks = tl.load(CU_K + z).to(tl.int64)
+    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
     n0 = pid * BN
     if n0 < lk:
         offs_n = n0 + tl.arange(0, BN)
@@ -462,6 +470,17 @@ def _empty(shape, dtype, device):
     return x
 
 
+def _empty_tn(n, h, dtype, device):
+    """A logical ``[N, H]`` per-token, per-head array stored head-major (``[H, N]`` in memory): the
+    kernels read these along tokens, so a [BLOCK] load is contiguous instead of strided by H."""
+    return _empty((h, n), dtype, device).t()
+
+
+def _tn(x):
+    """``[N, H]`` tensor -> the same values stored head-major (see :func:`_empty_tn`)."""
+    return x.t().contiguous().t()
+
+
 def _check_inputs(q, k, v):
     d = q.shape[-1]
     if d < 16 or d > 256 or d & (d - 1):
@@ -503,7 +522,7 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
     dq = _empty((nq_tok, h, d), grad_dtype, q.device)
     dk = _empty((nk_tok, hkv, d), grad_dtype, q.device)
     dv = _empty((nk_tok, hkv, d), grad_dtype, q.device)
-    dc = _empty((nk_tok, h), torch.float32, q.device)
+    dc = _empty_tn(nk_tok, h, torch.float32, q.device)
     if plan.max_q == 0 or plan.max_k == 0:
         dq.zero_(), dk.zero_(), dv.zero_(), dc.zero_()
         return dq, dk, dv, dc
@@ -549,14 +568,16 @@ def _tile_prefix(g_flat: torch.Tensor, starts: torch.Tensor, tile: int):
         ``cl [N, H]`` fp32, ``base [N, H]`` fp64 with ``c_t (document-local) = base_t + cl_t``
         up to a per-document constant (which cancels in every ``c_i - c_j`` of one document).
     """
-    n = g_flat.shape[0]
-    c64 = g_flat.double().cumsum(0)
-    cz = torch.cat([c64.new_zeros(1, c64.shape[1]), c64])
+    n, h = g_flat.shape
+    # head-major scan: a cumsum along the contiguous dim is parallel; along dim 0 of [N, H] it is a
+    # sequential loop per column
+    c64 = g_flat.t().double().cumsum(-1)  # [H, N]
+    cz = torch.cat([c64.new_zeros(h, 1), c64], 1)
     t = torch.arange(n, device=g_flat.device)
     tstart = starts + ((t - starts) // tile) * tile
-    base = cz[tstart]
+    base = cz[:, tstart]
     cl = (c64 - base).float()
-    return cl.contiguous(), base.contiguous()
+    return cl.t(), base.t()  # logical [N, H], head-major storage
 
 
 class _FoxAttention(torch.autograd.Function):
@@ -591,24 +612,24 @@ class _FoxAttention(torch.autograd.Function):
         delta, lse2 = _bwd_pre(o, dof, lse)
         dq, dk, dv, dc = _run_bwd(dof, qf, kf, vf, plan, scale, lse2, delta, qf.dtype)
         # g_u enters every c_t with t >= u of its document: dg_u = sum_{t >= u, same doc} dc_t
-        rc = dc.double().flip(0).cumsum(0).flip(0)
-        rc = torch.cat([rc, rc.new_zeros(1, h)])
+        rc = dc.t().double().flip(-1).cumsum(-1).flip(-1)  # [H, N], fp64
+        rc = torch.cat([rc, rc.new_zeros(h, 1)], 1)
         ends = cu_d.long()[1:][seg]
-        dg = (rc[:-1] - rc[ends]).to(gdtype)
+        dg = (rc[:, :-1] - rc[:, ends]).to(gdtype).t()
         hkv = kf.shape[1]
-        return (dq.view(b, t, h, d), dk.view(b, t, hkv, d), dv.view(b, t, hkv, d), dg.view(b, t, h),
+        return (dq.view(b, t, h, d), dk.view(b, t, hkv, d), dv.view(b, t, hkv, d), dg.reshape(b, t, h),
                 None, None, None, None, None)
 
 
 def _bwd_pre(o, do, lse):
     n, h, d = o.shape
-    delta = _empty((n, h), torch.float32, o.device)
-    lse2 = _empty((n, h), torch.float32, o.device)
+    delta = _empty_tn(n, h, torch.float32, o.device)
+    lse2 = _empty_tn(n, h, torch.float32, o.device)
     if n:
         blk = 64
         _bwd_pre_kernel[(triton.cdiv(n, blk), h)](o, do, lse, delta, lse2, n, o.stride(0), o.stride(1),
                                                    do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
-                                                   D=d, BLK=blk)
+                                                   delta.stride(0), delta.stride(1), D=d, BLK=blk)
     return delta, lse2
 
 
@@ -661,12 +682,12 @@ def _block_plan(q, k, cq, ck, offset, causal, acp_delta, tile):
     dev = q.device
     cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev) * tq
     cu_k = torch.arange(b + 1, dtype=torch.int32, device=dev) * tk
-    cqf = cq.reshape(b * tq, h).float().contiguous()
-    ckf = ck.reshape(b * tk, h).float().contiguous()
+    cqf = _tn(cq.reshape(b * tq, h).float())
+    ckf = _tn(ck.reshape(b * tk, h).float())
     off = torch.zeros((b, h), dtype=torch.float64, device=dev) if offset is None else \
         torch.broadcast_to(torch.as_tensor(offset, dtype=torch.float64, device=dev), (b, h))
-    bq = off[:, None, :].expand(b, tq, h).reshape(b * tq, h).contiguous()
-    bk = torch.zeros((b * tk, h), dtype=torch.float64, device=dev)
+    bq = _tn(off[:, None, :].expand(b, tq, h).reshape(b * tq, h))
+    bk = torch.zeros((h, b * tk), dtype=torch.float64, device=dev).t()
     delta = None
     if acp_delta is not None:
         dl = torch.as_tensor(acp_delta, dtype=torch.float64, device=dev)
@@ -716,7 +737,7 @@ def block_attention_bwd(do, q, k, v, cq, ck, offset, lse, delta, *, scale: float
     vf = v.reshape(b * tk, hkv, d).contiguous()
     dof = do.to(q.dtype).reshape(b * tq, h, d).contiguous()
     lse = lse.reshape(b * tq, h).float()
-    lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse * LOG2E).contiguous()
-    dl = delta.reshape(b * tq, h).float().contiguous()
+    lse2 = _tn(torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse * LOG2E))
+    dl = _tn(delta.reshape(b * tq, h).float())
     dq, dk, dv, dc = _run_bwd(dof, qf, kf, vf, plan, float(scale), lse2, dl, torch.float32)
-    return dq.view(b, tq, h, d), dk.view(b, tk, hkv, d), dv.view(b, tk, hkv, d), dc.view(b, tk, h)
+    return dq.view(b, tq, h, d), dk.view(b, tk, hkv, d), dv.view(b, tk, hkv, d), dc.reshape(b, tk, h)
