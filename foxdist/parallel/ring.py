@@ -209,10 +209,11 @@ def _prefix_sums(g: torch.Tensor, n: int):
 
 
 def _offsets(comm: RingComm, plan: RingPlan, tot: torch.Tensor):
-    """fp64 ``[B, n_chunks, H]`` offsets in global chunk order: sums over chunks before k
-    (exclusive) and up to k (inclusive)."""
-    excl = _global_table(comm, plan, tot, exclusive="prefix")
-    return excl, excl + _global_table(comm, plan, tot, exclusive="none")
+    """fp64 ``[B, n_chunks, H]`` offsets in global chunk order from one all-gather of the totals:
+    sums over the chunks before k (exclusive) and up to k (inclusive)."""
+    table = _global_table(comm, plan, tot, exclusive="none")
+    inc = table.cumsum(dim=1)
+    return torch.cat([torch.zeros_like(inc[:, :1]), inc[:, :-1]], dim=1), inc
 
 
 def _pair_operands(a, b, excl, inc, cl, ckr_b):
