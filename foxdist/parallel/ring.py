@@ -17,7 +17,8 @@ documents). A key buffer is forwarded only while some later rank on its path sti
 the contiguous layout does not wrap around, and fully masked pairs are never computed.
 
 Backward repeats the KV ring and lets a dK/dV/dck accumulator travel with each KV block, one hop
-behind; the last rank that needs a block sends the accumulator straight home. The gate gradient is
+behind (the owner's own contribution stays home); the last rank that needs a block sends the
+accumulator straight home. Only the own KV is kept: no forward KV buffer is saved. The gate gradient is
 the local reverse cumsum of ``dc`` plus the suffix sum of later chunks' totals ``dT_k`` (one small
 all-gather), exactly the reverse cumsum of the single-device path.
 
@@ -304,7 +305,7 @@ class RingAttention(torch.autograd.Function):
         dbytes = dbuf.numel()
         del dbuf
         incoming = None  # (buffer, reqs) of the dKV accumulator for the block held at the next step
-        home = None
+        own = home_buf = None
         pending = []  # outstanding dKV sends and the home receive
         for s in range(plan.steps):
             p = (me - s) % w
@@ -337,17 +338,19 @@ class RingAttention(torch.autograd.Function):
             _wait(reqs)
             if recvs:
                 cur, spare = spare, cur
-            # dKV phase: pass the accumulator on, or send it home after its last use
+            # dKV phase. The origin's own contribution (step 0) stays home; the accumulator of the
+            # other holders' contributions starts at step 1, moves one hop per step and goes home
+            # from the last holder, so a block needing `last` ring hops costs `last` dKV transfers.
             dsends, drecvs = [], []
             if holds:
-                if s < plan.last[p]:
+                if s == 0:
+                    own = dkv
+                elif s < plan.last[p]:
                     dsends.append((pack(dkv)[0], (me + 1) % w, TAG_DKV))
-                elif p != me:
-                    dsends.append((pack(dkv)[0], p, TAG_HOME))
                 else:
-                    home = dkv
+                    dsends.append((pack(dkv)[0], p, TAG_HOME))
             nxt = None
-            if plan.holds(me, s + 1):
+            if s >= 1 and plan.holds(me, s + 1):
                 nxt = torch.empty(dbytes, dtype=torch.uint8, device=q.device)
                 drecvs.append((nxt, (me - 1) % w, TAG_DKV))
             if s == plan.last[me] and s > 0:
@@ -357,11 +360,12 @@ class RingAttention(torch.autograd.Function):
             if nxt is not None:
                 incoming = (nxt, dreqs)
             pending.append(dreqs)
-            if s == plan.last[me] and s > 0:
-                _wait(dreqs)
-                home = [x.clone() for x in unpack(home_buf, dmeta)]
         for r in pending:
             _wait(r)
+        home = own
+        if home_buf is not None:
+            for x, y in zip(home, unpack(home_buf, dmeta)):
+                x += y
         dk, dv, dc = home
         # dg_u = sum_{t >= u} dc_t: reverse cumsum inside the chunk + sum over all later chunks
         b, t, h = g.shape
