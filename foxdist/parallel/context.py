@@ -112,8 +112,11 @@ class CPContext:
                                       self.ring_rank, gs)
 
     def _check_agreement(self):
+        # NCCL communicates CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
         code = torch.tensor([("contiguous", "zigzag").index(self.layout_kind), MODES.index(self.mode),
-                             self.ulysses_degree], dtype=torch.int64)
+                             self.ulysses_degree], dtype=torch.int64, device=device)
         out = all_gather_stack(code, self.group, self.world)
         if not bool((out == code).all()):
             raise ValueError(f"ranks of the cp group disagree on (layout, mode, ulysses_degree): {out.tolist()}")
