@@ -53,11 +53,15 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible; "
+        n = torch.cuda.device_count()
+        # launchers that pin CUDA_VISIBLE_DEVICES to one GPU per task (submitit, some srun setups) leave
+        # exactly one visible device, index 0, whatever the local rank
+        index = 0 if n == 1 else local_rank
+        if index >= n:
+            raise ValueError(f"local rank {local_rank} has no GPU: only {n} visible; "
                              f"launch at most that many processes per node")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

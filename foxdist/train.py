@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -111,6 +113,27 @@ class Trainer:
         self.consecutive_skips = 0
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak = peak_flops(rt.device)
+        # SIGUSR1: checkpoint at the next step and go on. SIGTERM / SIGUSR2 (Slurm's and submitit's
+        # warning before preemption or the time limit): checkpoint at the next step and stop.
+        self.signal_received = 0
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, _frame):
+            self.signal_received = max(self.signal_received, signum)
+
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    def _pending_signal(self) -> int:
+        """The strongest signal any rank received (ranks must agree on when to save and stop)."""
+        if not self.rt.distributed:
+            return self.signal_received
+        flag = torch.tensor([self.signal_received], device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     # ---- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -121,7 +144,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
-        self.loader.load_state_dict(state["loader"])
+        # rank 0 saves the loader state; epoch and position are the same on every data-parallel rank
+        self.loader.load_state_dict({**state["loader"], "dp_rank": self.loader.state_dict()["dp_rank"]})
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.skipped_total = state.get("skipped_total", 0)
@@ -208,6 +232,7 @@ class Trainer:
         if ckpt is not None:
             log.message(f"resumed from {ckpt} at step {self.step}")
         tokens_per_step = self.derived.tokens_per_step
+        self._install_signal_handlers()
         last = {}
         try:
             stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
@@ -234,6 +259,16 @@ class Trainer:
                                        f"stopped with a checkpoint of the last good state in {self.run_dir}")
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     log.log_eval(self.step, self.evaluate())
+                sig = self._pending_signal()
+                if sig:
+                    path = self.save()
+                    self.signal_received = 0
+                    log.message(f"received {signal.Signals(sig).name}: checkpoint {path} written at step {self.step}")
+                    if sig in (signal.SIGTERM, signal.SIGUSR2):
+                        name = signal.Signals(sig).name
+                        log.message(f"stopping after {name}; rerun (or requeue) the same command to resume")
+                        return {**last, "stopped_by_signal": name}
+                    continue
                 if self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
                     self.save()
             final = self.save()

@@ -1,0 +1,71 @@
+"""Launchers: submitit local executor with 2 gloo tasks and a forced requeue; dry-run; bad layouts."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "debug.py") + ":tiny"
+submitit = pytest.importorskip("submitit")
+
+
+def _rows(run_dir):
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip() and '"eval"' not in x]
+
+
+def test_submitit_local_two_tasks_requeue(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "launch"), os.environ.get("PYTHONPATH", "")]))
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import submit
+    finally:
+        sys.path.pop(0)
+    run_dir = tmp_path / "run"
+    steps = 40
+    overrides = [f"train.max_steps={steps}", "checkpoint.every=3", "train.device=cpu", "logging.progress=lines"]
+    executor = submitit.AutoExecutor(folder=str(tmp_path / "sub"), cluster="local")
+    executor.update_parameters(**submit.slurm_parameters(submit.parse_args(
+        ["--recipe", TINY, "--cluster", "local", "--gpus-per-node", "2", "--time", "10", "--run-dir", str(run_dir)])))
+    job = executor.submit(submit.TrainJob(TINY, overrides, str(run_dir)))
+    deadline = time.time() + 240
+    while len(_rows(run_dir)) < 7 and time.time() < deadline and not job.done():
+        time.sleep(0.5)
+    assert not job.done(), "the job finished before it could be preempted; raise max_steps"
+    # what Slurm does before a preemption/time limit: signal every task. submitit's handler calls
+    # TrainJob.checkpoint() and requeues; the local controller then restarts both tasks.
+    import psutil
+
+    tasks = psutil.Process(job._process.pid).children(recursive=True)
+    assert len(tasks) >= 2
+    for t in tasks:
+        t.send_signal(submitit.local.local.LocalJobEnvironment._usr_sig())
+    job.results()
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    logs = "".join(p.read_text() for p in (tmp_path / "sub").glob("*_0_log.out"))
+    assert "resumed from" in logs, logs[-2000:]
+    assert all(r["tokens"] == r["step"] * 1024 for r in rows)
+
+
+def test_dry_run_prints_parameters_and_validates():
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "--recipe", TINY, "--nodes", "2",
+                          "--gpus-per-node", "8", "--partition", "gpu", "--time", "90", "--dry-run",
+                          "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    ex = info["launch"]["executor"]
+    assert (ex["nodes"], ex["tasks_per_node"], ex["gpus_per_node"], ex["slurm_partition"]) == (2, 8, 8, "gpu")
+    assert info["derived"]["dp"] == 16 and info["derived"]["grad_accum"] == 1
+    bad = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "--recipe", TINY, "--nodes", "2",
+                          "--gpus-per-node", "8", "--dry-run", "--set", "parallel.tp=3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "world size 16 is not divisible by tp*cp = 3*1" in bad.stderr
