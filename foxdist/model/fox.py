@@ -16,14 +16,22 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig, model_dims
 from ..ops import AcpStats, forgetting_attention, qknorm_bound
 from ..ops.naive import segment_ids
-from .layers import RMSNorm, SwiGLU, apply_rope, rope_tables, token_shift_mix
+from .layers import RMSNorm, SwiGLU, acc_dtype, apply_rope, rope_tables, shift_tokens, token_shift_mix
 
 
 class LocalSequence:
-    """The whole sequence is on this device: plain attention, no halo, positions ``0..T-1``."""
+    """The whole sequence is on this device: plain attention, no halo, positions ``0..T-1``.
+
+    The protocol: ``attention(q, k, v, g, **kw)``, ``shift(x)`` (``x_{t-1}`` in global order with zeros
+    at position 0), ``prev_token(x)`` (the token before the first local one, or None) and
+    ``positions(t_local, device)`` (global positions of the local tokens).
+    """
 
     def attention(self, q, k, v, g, **kw):
         return forgetting_attention(q, k, v, g, **kw)
+
+    def shift(self, x: torch.Tensor) -> torch.Tensor:
+        return shift_tokens(x)
 
     def prev_token(self, x: torch.Tensor):
         return None
@@ -74,9 +82,11 @@ class ForgettingAttentionLayer(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=False)
 
     def forget_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``g = logsigmoid(x W_f + b_f)`` in fp32 (also under autocast): ``[B, T, H]``."""
+        """``g = logsigmoid(x W_f + b_f)`` in fp32 (fp64 for an fp64 model; also under autocast): ``[B, T, H]``."""
+        acc = acc_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            return F.logsigmoid(F.linear(x.float(), self.fgate_proj.weight.float(), self.fgate_proj.bias.float()))
+            w, b = self.fgate_proj.weight.to(acc), self.fgate_proj.bias.to(acc)
+            return F.logsigmoid(F.linear(x.to(acc), w, b))
 
     def forward(self, x, seq=_LOCAL, cu_seqlens=None, stats: AcpStats | None = None):
         b, t, _ = x.shape
@@ -84,8 +94,8 @@ class ForgettingAttentionLayer(nn.Module):
         k = self.k_proj(x).view(b, t, self.hkv, self.hd)
         v = self.v_proj(x).view(b, t, self.hkv, self.hd)
         if self.cfg.token_shift:
-            k = token_shift_mix(k, self.k_shift_proj(x), seq.prev_token(k))
-            v = token_shift_mix(v, self.v_shift_proj(x), seq.prev_token(v))
+            k = token_shift_mix(k, self.k_shift_proj(x), shifted=seq.shift(k))
+            v = token_shift_mix(v, self.v_shift_proj(x), shifted=seq.shift(v))
         bound = None
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -198,7 +208,7 @@ class FoxLM(nn.Module):
         logits = self.lm_head(self.hidden_states(tokens, seq, cu_seqlens))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.to(acc_dtype(logits)).flatten(0, 1), targets.flatten(), ignore_index=-100)
 
     def num_params(self, embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -11,12 +11,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least fp32: bf16/fp16 compute in fp32, fp64 reference models stay fp64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in fp32 and returned in x's dtype."""
-    xf = x.float()
+    """RMSNorm over the last dim, computed in at least fp32 and returned in x's dtype."""
+    xf = x.to(acc_dtype(x))
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(xf.dtype)
     return y.to(x.dtype)
 
 
@@ -41,16 +46,21 @@ def shift_tokens(x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Ten
     return torch.cat([first, x[:, :-1]], dim=1)
 
 
-def token_shift_mix(x: torch.Tensor, alpha_logits: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+def token_shift_mix(x: torch.Tensor, alpha_logits: torch.Tensor, prev: torch.Tensor | None = None,
+                    shifted: torch.Tensor | None = None) -> torch.Tensor:
     """Data-dependent token shift ``y_t = a_t x_{t-1} + (1 - a_t) x_t`` with ``a_t = sigmoid(logits)``.
 
     Args:
         x: ``[B, T, H, D]`` (the projected keys or values, per head).
         alpha_logits: ``[B, T, H]``.
         prev: ``[B, 1, H, D]`` previous token from the preceding shard, or None (zeros).
+        shifted: the full ``x_{t-1}`` (``[B, T, H, D]``) when the caller has it (context parallel
+            layouts whose ranks hold several pieces); overrides ``prev``.
     """
-    a = torch.sigmoid(alpha_logits.float()).unsqueeze(-1)
-    return (a * shift_tokens(x, prev).float() + (1.0 - a) * x.float()).to(x.dtype)
+    acc = acc_dtype(x)
+    a = torch.sigmoid(alpha_logits.to(acc)).unsqueeze(-1)
+    xs = shift_tokens(x, prev) if shifted is None else shifted
+    return (a * xs.to(acc) + (1.0 - a) * x.to(acc)).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
