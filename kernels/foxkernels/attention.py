@@ -110,9 +110,36 @@ def _acp_bound_kernel(CQ, CK, BQ, BK, DELTA, BOUND, CU_Q, CU_K,
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
+              MASKED: tl.constexpr, DMODE: tl.constexpr):
+    """``LOG2E * (ck_j - (base_q - base_k))`` for one key tile.
+
+    DMODE 0: fp64 tile base read as a vector (pipelined like K and V); 1: read once per tile as a
+    scalar; 2: no decay at all (benchmark ceiling only: wrong results).
+    """
+    if DMODE == 2:
+        colb = tl.zeros(kn.shape, tl.float32)
+    else:
+        if MASKED:
+            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h, mask=kn < lk, other=0.0)
+        else:
+            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h)
+        if DMODE == 0:
+            if MASKED:
+                bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h, mask=kn < lk, other=0.0)
+            else:
+                bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h)
+            colb = (ck - (bq - bk).to(tl.float32)) * 1.4426950408889634
+        else:
+            dd = (bq - tl.load(BK + (ks + j0) * s_bk_t + h * s_bk_h)).to(tl.float32)
+            colb = (ck - dd) * 1.4426950408889634
+    return colb
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
               s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
-              BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+              BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr):
     for j0 in range(lo, hi, BN):
         kn = j0 + offs_n
         if MASKED:
@@ -121,16 +148,12 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n,
                          mask=kmask[None, :], other=0.0)
             vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :],
                          mask=kmask[:, None], other=0.0)
-            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0)
-            bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h, mask=kmask, other=0.0)
         else:
             kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
             vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :])
-            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h)
-            bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h)
         # column term (log2 units): decay_ij = cq_i - colb_j; the row term cq_i is constant along the
         # whole row, so it is left out of the softmax and added to the lse at the end
-        colb = (ck - (bq - bk).to(tl.float32)) * 1.4426950408889634
+        colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
         qk = tl.dot(q, kT)
         s = qk * sm_scale2 - colb[None, :]
         if MASKED:
@@ -153,7 +176,7 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
                 s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                 sm_scale2, max_units, H, GROUP,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr):
+                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -187,10 +210,10 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
         acc = tl.zeros([BM, D], tl.float32)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full,
-                                  sm_scale2, BN, False, CAUSAL)
+                                  sm_scale2, BN, False, CAUSAL, DMODE)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
-                                  tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL)
+                                  tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL, DMODE)
         has = l_i > 0.0
         l_safe = tl.where(has, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -223,7 +246,7 @@ def _bwd_pre_kernel(O, DO, LSE, DELTA, LSE2, N, s_o_t, s_o_h, s_do_t, s_do_h, s_
 @triton.jit
 def _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
              s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
-             BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+             BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr):
     for j0 in range(lo, hi, BN):
         kn = j0 + offs_n
         if MASKED:
@@ -232,14 +255,10 @@ def _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs
                          mask=kmask[None, :], other=0.0)
             vT = tl.load(V + (ks + kn)[None, :] * s_v_t + hk * s_v_h + offs_d[:, None],
                          mask=kmask[None, :], other=0.0)
-            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0)
-            bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h, mask=kmask, other=0.0)
         else:
             kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
             vT = tl.load(V + (ks + kn)[None, :] * s_v_t + hk * s_v_h + offs_d[:, None])
-            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h)
-            bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h)
-        colb = (ck - (bq - bk).to(tl.float32)) * 1.4426950408889634
+        colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
         qk = tl.dot(q, kT)
         s = qk * sm_scale2 - colb[None, :]
         if MASKED:
@@ -260,7 +279,7 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
                s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                sm_scale, sm_scale2, max_units, H, GROUP,
                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-               CAUSAL: tl.constexpr, USE_ACP: tl.constexpr):
+               CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -296,10 +315,10 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
         dq = tl.zeros([BM, D], tl.float32)
         dq = _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full, sm_scale2,
-                      BN, False, CAUSAL)
+                      BN, False, CAUSAL, DMODE)
         dq = _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, tl.maximum(hi_full, lo), hi,
-                      sm_scale2, BN, True, CAUSAL)
+                      sm_scale2, BN, True, CAUSAL, DMODE)
         tl.store(DQ + (qs + offs_m)[:, None] * s_dq_t + h * s_dq_h + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
 
@@ -402,13 +421,18 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, BOUND, CU
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
+def _dmode() -> int:
+    return int(os.environ.get("FOXKERNELS_DECAY_MODE", "0"))
+
+
 def _config(d: int, tile: int):
     """Tile shapes and warps per head dim. Every block size divides ``tile`` (the ACP unit)."""
     env = os.environ.get("FOXKERNELS_CONFIG")
+    # (BLOCK_M, BLOCK_N, warps, stages) from the H100 sweep in bench/results (T = 16k, bf16)
     if d <= 64:
-        cfg = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 8, 2), dkdv=(64, 128, 8, 2))
+        cfg = dict(fwd=(128, 128, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3))
     else:
-        cfg = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 128, 8, 2))
+        cfg = dict(fwd=(128, 64, 8, 4), dq=(128, 64, 8, 3), dkdv=(32, 128, 8, 2))
     if env:  # "fwd=128,64,4,3;dq=...;dkdv=..." (benchmark sweeps)
         for part in env.split(";"):
             key, val = part.split("=")
@@ -509,7 +533,7 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E, plan.max_units, h, h // hkv,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=plan.bound is not None,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=plan.bound is not None, DMODE=_dmode(),
         num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -536,7 +560,8 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, num_warps=warps, num_stages=stages)
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, DMODE=_dmode(),
+        num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = cfg["dkdv"]
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, bound, plan.cu_q, plan.cu_k,
