@@ -4,21 +4,14 @@ One spawn of 4 gloo ranks runs every distributed check (tp=4, tp=4 + sequence pa
 replicas x dp=2 with and without sequence parallel, the Transformer baseline with tied embeddings,
 the megatron-core CPU compatibility layer). Layout validation is checked without any process group.
 
-Precision. The single-device model computes a few things in fp32 even in an fp64 model
-(``.float()`` in ``rms_norm``, ``token_shift_mix``, the forget gate, the loss). Gradients that pass
-through such an fp32 step cannot agree to 1e-10 with any differently-ordered computation, so the
-fp64 checks run with :func:`_exact_fp64_casts`, which swaps those ``.float()`` casts for "at least
-fp32" casts (fp64 stays fp64; fp32/bf16 behave exactly as before) in both models -- the TP model
-reuses the very same functions, so the patch applies to both equally. One check runs the
-unpatched reference as well (tolerances of fp32). The loss itself goes through
-``vocab_parallel_cross_entropy``, which always works in fp32 (as does the reference's
-``F.cross_entropy(logits.float())``): loss and loss gradients are compared at fp32 tolerance, every
-parameter gradient is additionally compared at 1e-10 through an fp64 cotangent on the logits.
+Precision. The models run in fp64 (the reference keeps fp64 in its "at least fp32" steps), and
+every parameter gradient is compared at 1e-10 through an fp64 cotangent on the logits. The loss goes
+through ``vocab_parallel_cross_entropy``, which always works in fp32: the loss and the gradients of
+the loss are compared at fp32 tolerance, against the fp64 cross entropy of the reference logits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -36,41 +29,6 @@ BASE = dict(d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=257)
 B, T = 2, 32
 
 
-@contextlib.contextmanager
-def _exact_fp64_casts():
-    """Make the reference's fp32 precision casts dtype-preserving for fp64 (see module docstring)."""
-    import torch.nn.functional as F
-
-    from foxdist.model import fox, layers
-
-    def acc(x):
-        return torch.promote_types(x.dtype, torch.float32)
-
-    def rms_norm(x, weight, eps):
-        xf = x.to(acc(x))
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-        if weight is not None:
-            y = y * weight.to(acc(x))
-        return y.to(x.dtype)
-
-    def token_shift_mix(x, alpha_logits, prev=None):
-        a = torch.sigmoid(alpha_logits.to(acc(x))).unsqueeze(-1)
-        return (a * layers.shift_tokens(x, prev).to(acc(x)) + (1.0 - a) * x.to(acc(x))).to(x.dtype)
-
-    def forget_gate(self, x):
-        with torch.autocast(x.device.type, enabled=False):
-            a = acc(x)
-            return F.logsigmoid(F.linear(x.to(a), self.fgate_proj.weight.to(a), self.fgate_proj.bias.to(a)))
-
-    saved = (layers.rms_norm, layers.token_shift_mix, fox.token_shift_mix, fox.ForgettingAttentionLayer.forget_gate)
-    layers.rms_norm, layers.token_shift_mix, fox.token_shift_mix = rms_norm, token_shift_mix, token_shift_mix
-    fox.ForgettingAttentionLayer.forget_gate = forget_gate
-    try:
-        yield
-    finally:
-        layers.rms_norm, layers.token_shift_mix, fox.token_shift_mix, fox.ForgettingAttentionLayer.forget_gate = saved
-
-
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300)).item()
 
@@ -84,7 +42,7 @@ def _max_over_world(metrics: dict) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-def _compare(rank, world, *, tp, sp=False, exact=True, model=None, acp_eps=None, docs=False):
+def _compare(rank, world, *, tp, sp=False, model=None, acp_eps=None, docs=False):
     """Build ref + TP model, compare logits, loss and every gradient; returns max metrics over ranks."""
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -92,76 +50,74 @@ def _compare(rank, world, *, tp, sp=False, exact=True, model=None, acp_eps=None,
     from foxdist.model.fox import FoxLM, document_cu_seqlens
     from foxdist.parallel.tensor import build_tp_model, gather_full, gather_logits, grad_norm, reference_config
 
-    ctx = _exact_fp64_casts() if exact else contextlib.nullcontext()
-    with ctx:
-        cfg = ModelConfig(**{**BASE, **(model or {})})
-        dims = ParallelDims(world, tp=tp, sequence_parallel=sp).init_groups()
-        dp, dpr = dims.dp, dims.dp_rank
-        torch.manual_seed(SEED)
-        ref = FoxLM(reference_config(cfg, tp), acp_eps=acp_eps).double()
-        tpm = build_tp_model(cfg, dims, seed=SEED, dtype=torch.float64, acp_eps=acp_eps)
-        vp = ref.vocab
-        gen = torch.Generator().manual_seed(7)  # the same data on every rank; dp rank r uses slice r
-        toks = torch.randint(0, cfg.vocab_size, (dp, B, T), generator=gen)
-        tgts = torch.randint(0, cfg.vocab_size, (dp, B, T), generator=gen)
-        tgts[torch.rand(tgts.shape, generator=gen) < 0.2] = -100
-        cot = torch.randn(dp, B, T, vp, generator=gen, dtype=torch.float64)
-        m = {}
+    cfg = ModelConfig(**{**BASE, **(model or {})})
+    dims = ParallelDims(world, tp=tp, sequence_parallel=sp).init_groups()
+    dp, dpr = dims.dp, dims.dp_rank
+    torch.manual_seed(SEED)
+    ref = FoxLM(reference_config(cfg, tp), acp_eps=acp_eps).double()
+    tpm = build_tp_model(cfg, dims, seed=SEED, dtype=torch.float64, acp_eps=acp_eps)
+    vp = ref.vocab
+    gen = torch.Generator().manual_seed(7)  # the same data on every rank; dp rank r uses slice r
+    toks = torch.randint(0, cfg.vocab_size, (dp, B, T), generator=gen)
+    tgts = torch.randint(0, cfg.vocab_size, (dp, B, T), generator=gen)
+    tgts[torch.rand(tgts.shape, generator=gen) < 0.2] = -100
+    cot = torch.randn(dp, B, T, vp, generator=gen, dtype=torch.float64)
+    m = {}
 
-        # same function at start: gathered parameters equal the reference's
-        full = gather_full(tpm)
-        m["init"] = max(_rel(full[n], p) for n, p in ref.named_parameters())
-        m["num_params"] = abs(tpm.num_params() - ref.num_params())
+    # same function at start: gathered parameters equal the reference's
+    full = gather_full(tpm)
+    m["init"] = max(_rel(full[n], p) for n, p in ref.named_parameters())
+    m["num_params"] = abs(tpm.num_params() - ref.num_params())
 
-        # logits of this replica's batch
-        local = tpm(toks[dpr])
-        m["logits"] = _rel(gather_logits(tpm, local.detach()), ref(toks[dpr]).detach())
+    # logits of this replica's batch
+    local = tpm(toks[dpr])
+    m["logits"] = _rel(gather_logits(tpm, local.detach()), ref(toks[dpr]).detach())
 
-        # every gradient through an fp64 cotangent on the logits: this replica alone (tp only) ...
-        (ref(toks[dpr]) * cot[dpr]).sum().backward()
-        (local * cot[dpr].chunk(tp, dim=-1)[dims.tp_rank]).sum().backward()
-        got = gather_full(tpm, grads=True)
-        m["grads_replica"] = max(_rel(got[n], p.grad) for n, p in ref.named_parameters())
-        ref_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ref.parameters()))
-        m["grad_norm"] = abs((grad_norm(tpm, dims) - ref_norm) / ref_norm).item()
+    # every gradient through an fp64 cotangent on the logits: this replica alone (tp only) ...
+    (ref(toks[dpr]) * cot[dpr]).sum().backward()
+    (local * cot[dpr].chunk(tp, dim=-1)[dims.tp_rank]).sum().backward()
+    got = gather_full(tpm, grads=True)
+    m["grads_replica"] = max(_rel(got[n], p.grad) for n, p in ref.named_parameters())
+    ref_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ref.parameters()))
+    m["grad_norm"] = abs((grad_norm(tpm, dims) - ref_norm) / ref_norm).item()
 
-        # ... and averaged over dp, against the reference on the concatenated batch
-        if dp > 1:
-            for p in tpm.parameters():
-                dist.all_reduce(p.grad, group=dims.dp_group)
-                p.grad /= dp
-            ref.zero_grad()
-            (ref(toks.flatten(0, 1)) * cot.flatten(0, 1)).sum().div(dp).backward()
-            got = gather_full(tpm, grads=True)
-            m["grads_dp"] = max(_rel(got[n], p.grad) for n, p in ref.named_parameters())
-
-        # loss via vocab_parallel_cross_entropy: exact token-weighted mean over dp
-        ref.zero_grad()
-        tpm.zero_grad()
-        total, count = tpm(toks[dpr], tgts[dpr], reduction="sum")
-        n_all = count.clone()
-        dist.all_reduce(n_all, group=dims.dp_group)
-        (total / n_all).backward()
+    # ... and averaged over dp, against the reference on the concatenated batch
+    if dp > 1:
         for p in tpm.parameters():
             dist.all_reduce(p.grad, group=dims.dp_group)
-        loss = (total / n_all).detach()
-        dist.all_reduce(loss, group=dims.dp_group)
-        ref_logits = ref(toks.flatten(0, 1))
-        ref_loss32 = F.cross_entropy(ref_logits.float().flatten(0, 1), tgts.flatten(), ignore_index=-100)
-        ref_loss32.backward()
-        ref_loss64 = F.cross_entropy(ref_logits.detach().flatten(0, 1), tgts.flatten(), ignore_index=-100)
-        m["loss_vs_fp64"] = _rel(loss, ref_loss64)
-        m["loss_vs_ref"] = _rel(loss, ref_loss32.detach())
+            p.grad /= dp
+        ref.zero_grad()
+        (ref(toks.flatten(0, 1)) * cot.flatten(0, 1)).sum().div(dp).backward()
         got = gather_full(tpm, grads=True)
-        m["loss_grads"] = max(_rel(got[n], p.grad) for n, p in ref.named_parameters())
+        m["grads_dp"] = max(_rel(got[n], p.grad) for n, p in ref.named_parameters())
 
-        if docs:  # document masking: packed rows with cu_seqlens
-            doc_toks = toks[dpr].clone()
-            doc_toks[0, 9] = doc_toks[1, 20] = 0
-            cu = document_cu_seqlens(doc_toks, 0)
-            with torch.no_grad():
-                m["logits_docs"] = _rel(gather_logits(tpm, tpm(doc_toks, cu_seqlens=cu)), ref(doc_toks, cu_seqlens=cu))
-        dims.destroy_groups()
+    # loss via vocab_parallel_cross_entropy: exact token-weighted mean over dp
+    ref.zero_grad()
+    tpm.zero_grad()
+    total, count = tpm(toks[dpr], tgts[dpr], reduction="sum")
+    n_all = count.clone()
+    dist.all_reduce(n_all, group=dims.dp_group)
+    (total / n_all).backward()
+    for p in tpm.parameters():
+        dist.all_reduce(p.grad, group=dims.dp_group)
+    loss = (total / n_all).detach()
+    dist.all_reduce(loss, group=dims.dp_group)
+    ref_logits = ref(toks.flatten(0, 1))
+    ref_loss32 = F.cross_entropy(ref_logits.float().flatten(0, 1), tgts.flatten(), ignore_index=-100)
+    ref_loss32.backward()
+    ref_loss64 = F.cross_entropy(ref_logits.detach().flatten(0, 1), tgts.flatten(), ignore_index=-100)
+    m["loss_vs_fp64"] = _rel(loss, ref_loss64)
+    m["loss_vs_ref"] = _rel(loss, ref_loss32.detach())
+    got = gather_full(tpm, grads=True)
+    m["loss_grads"] = max(_rel(got[n], p.grad) for n, p in ref.named_parameters())
+
+    if docs:  # document masking: packed rows with cu_seqlens
+        doc_toks = toks[dpr].clone()
+        doc_toks[0, 9] = doc_toks[1, 20] = 0
+        cu = document_cu_seqlens(doc_toks, 0)
+        with torch.no_grad():
+            m["logits_docs"] = _rel(gather_logits(tpm, tpm(doc_toks, cu_seqlens=cu)), ref(doc_toks, cu_seqlens=cu))
+    dims.destroy_groups()
     return _max_over_world(m)
 
 
@@ -219,7 +175,6 @@ def _check_compat(rank, world):
 
 SUITE = DistSuite(world_size=4, timeout_s=600, checks=[
     Check("compat", _check_compat),
-    Check("tp4_unpatched_sp", _compare, dict(tp=4, sp=True, exact=False)),
     Check("tp4", _compare, dict(tp=4, docs=True)),
     Check("tp4_sp", _compare, dict(tp=4, sp=True)),
     Check("tp2_dp2", _compare, dict(tp=2, docs=True)),
@@ -258,13 +213,6 @@ def test_tp_matches_single_device_fp64(world4, name):
         if key in m:
             assert m[key] < EXACT, (key, m)
     for key in ("loss_vs_fp64", "loss_vs_ref", "loss_grads"):
-        assert m[key] < FP32, (key, m)
-
-
-def test_tp_matches_unpatched_reference(world4):
-    """The real reference (fp32 norms, gates, token shift and loss inside an fp64 model): fp32 precision."""
-    m = world4.get("tp4_unpatched_sp")
-    for key in ("logits", "grads_replica", "loss_vs_ref", "loss_grads", "grad_norm"):
         assert m[key] < FP32, (key, m)
 
 

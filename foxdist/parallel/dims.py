@@ -109,15 +109,20 @@ class ParallelDims:
         Requires an initialized default process group of exactly ``world_size`` ranks. On machines
         without a GPU the megatron-core CPU compatibility layer is applied first.
         """
-        from megatron.core import parallel_state as ps
-
-        from .megatron_compat import apply_cpu_compat
-
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group first")
         if dist.get_world_size() != self.world_size:
             raise ValueError(f"the layout was built for world size {self.world_size} but torch.distributed has "
                              f"{dist.get_world_size()} ranks")
+        try:
+            from megatron.core import parallel_state as ps
+        except ImportError:
+            if self.tp > 1:
+                raise ImportError("tensor parallelism needs megatron-core: pip install 'foxdist[parallel]'") from None
+            return self._init_torch_groups()
+
+        from .megatron_compat import apply_cpu_compat
+
         apply_cpu_compat()
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
@@ -137,7 +142,32 @@ class ParallelDims:
             raise RuntimeError(f"rank {rank}: megatron-core coordinates (tp, cp, dp) = {got}, expected {expect}")
         return self
 
+    def _init_torch_groups(self) -> "ParallelDims":
+        """Same layout with plain ``torch.distributed.new_group`` (used when megatron-core is absent)."""
+        rank, groups = dist.get_rank(), {}
+        tp, cp, dp = self.tp, self.cp, self.dp
+        coords = [self.coords(r) for r in range(self.world_size)]
+        # every rank creates every group, in the same order
+        for name, key in (("tp", lambda c: (c[1], c[2])), ("cp", lambda c: (c[0], c[2])),
+                          ("dp", lambda c: (c[0], c[1])), ("dp_cp", lambda c: (c[0],))):
+            members: dict = {}
+            for r, c in enumerate(coords):
+                members.setdefault(key(c), []).append(r)
+            for ranks in members.values():
+                g = dist.new_group(ranks)
+                if rank in ranks:
+                    groups[name] = g
+        del tp, cp, dp
+        self._groups = groups
+        self._torch_groups = True
+        return self
+
     def destroy_groups(self) -> None:
+        if getattr(self, "_torch_groups", False):
+            for g in set(self._groups.values()):
+                dist.destroy_process_group(g)
+            self._groups = {}
+            return
         from megatron.core import parallel_state as ps
 
         if ps.model_parallel_is_initialized():

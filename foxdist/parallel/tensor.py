@@ -25,8 +25,9 @@ inside the backward pass (works unchanged under DDP or DeepSpeed ZeRO).
 
 The token shift mixes *projected, per-head* k and v with the previous token. It runs inside the
 tensor-parallel region, where every rank holds the full local sequence for its heads, so no halo
-exchange inside the tp group is needed; across context-parallel shards the previous token comes
-from ``seq.prev_token`` exactly as in the single-device model.
+exchange inside the tp group is needed; across context-parallel shards the shifted tensor comes
+from ``seq.shift`` exactly as in the single-device model (which carries the previous shard's last
+token).
 
 The model is initialized from the single-device :class:`~foxdist.model.fox.FoxLM` built with the
 same seed (every rank builds the full model, then keeps its slices), so a tp run starts from the same
@@ -195,8 +196,8 @@ class TPForgettingAttention(_TPRegion):
         if self.cfg.token_shift:
             ak = self._out(self.k_shift_proj(x)).transpose(0, 1)
             av = self._out(self.v_shift_proj(x)).transpose(0, 1)
-            k = _layers.token_shift_mix(k, ak, seq.prev_token(k))
-            v = _layers.token_shift_mix(v, av, seq.prev_token(v))
+            k = _layers.token_shift_mix(k, ak, shifted=seq.shift(k))
+            v = _layers.token_shift_mix(v, av, shifted=seq.shift(v))
         bound = None
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -465,11 +466,11 @@ def grad_norm(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
     Tensor-parallel slices are summed over the tp group; replicated parameters are counted once
     (megatron's ``param_is_not_tensor_parallel_duplicate``). Collective over tp.
     """
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
+    first_tp = dims.tp == 1 or dims.tp_rank == 0
     sq = None
     for p in model.parameters():
-        if p.grad is None or not param_is_not_tensor_parallel_duplicate(p, dims.tp_group):
+        # megatron's rule (param_is_not_tensor_parallel_duplicate): slices count everywhere, replicas once
+        if p.grad is None or not (getattr(p, "tensor_model_parallel", False) or first_tp):
             continue
         s = p.grad.detach().double().pow(2).sum()
         sq = s if sq is None else sq + s

@@ -1,0 +1,193 @@
+"""Data parallelism: DeepSpeed ZeRO 1/2/3 and the plain-PyTorch engine against single-process AdamW.
+
+One spawn of 2 gloo ranks (dp=2) runs every engine for 5 optimizer steps (varying learning rate,
+active gradient clipping) and compares parameters, losses and gradient norms with
+``torch.optim.AdamW`` + ``clip_grad_norm_`` on the concatenated batch in one fp64 process.
+
+The plain engine runs in fp64 and must agree to fp64 rounding. DeepSpeed's ZeRO optimizers keep fp32
+master weights and compute the gradient norm in fp32 whatever the model dtype (and communicate
+gradients in fp32 by default), so ZeRO runs an fp32 model and is held to fp32 accuracy: its error
+must be at the level of an fp32 single-process run (checked here as well).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist_utils import Check, DistSuite
+
+from foxdist.config import Config, derive
+
+STEPS = 5
+
+
+def _cfg(stage: int) -> Config:
+    cfg = Config()
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 32, 2, 4
+    cfg.parallel.zero_stage = stage
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = 2, 4
+    cfg.data.seq_len = 16
+    cfg.train.grad_clip = 0.5  # active: the gradient norm is ~1.5 here
+    cfg.optim.lr = 3e-3
+    return cfg
+
+
+def _train(rank, world, *, stage: int, backend: str, dtype: str = "float64", run_dir: str | None = None):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from foxdist.model.fox import FoxLM
+    from foxdist.optim import param_groups
+    from foxdist.parallel.dims import ParallelDims
+    from foxdist.parallel.zero import build_engine
+
+    cfg = _cfg(stage)
+    derived = derive(cfg, world)
+    dims = ParallelDims.from_config(cfg, world).init_groups()
+    torch.manual_seed(cfg.train.seed)
+    model = FoxLM(cfg.model).to(getattr(torch, dtype))
+    torch.manual_seed(cfg.train.seed)
+    ref = FoxLM(cfg.model).double()
+    engine = build_engine(model, cfg, dims, derived, run_dir=run_dir, backend=backend)
+    opt = torch.optim.AdamW(param_groups(ref, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    gen = torch.Generator().manual_seed(5)
+    v, b, t = cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len
+    loss_err = norm_err = 0.0
+    for step in range(STEPS):
+        toks = torch.randint(0, v, (dims.dp, b, t), generator=gen)
+        tgts = torch.randint(0, v, (dims.dp, b, t), generator=gen)
+        lr = cfg.optim.lr * (step + 1) / STEPS
+        engine.set_lr(lr)
+        logits = engine(toks[dims.dp_rank])
+        loss = F.cross_entropy(logits.double().flatten(0, 1), tgts[dims.dp_rank].flatten())
+        engine.backward(loss)
+        engine.step()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= dims.dp
+
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rl = F.cross_entropy(ref(toks.flatten(0, 1)).flatten(0, 1), tgts.flatten())
+        rl.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.train.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad()
+        loss_err = max(loss_err, abs((mean_loss - rl.detach()) / rl.detach()).item())
+        norm_err = max(norm_err, abs(engine.grad_norm - ref_norm.item()) / ref_norm.item())
+        if step == 0:
+            first_norm = ref_norm.item()
+    mod = engine.module
+    if engine.kind == "deepspeed" and stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(mod.parameters())):
+            params = {n: p.detach().clone() for n, p in mod.named_parameters()}
+    else:
+        params = {n: p.detach().clone() for n, p in mod.named_parameters()}
+    param_err = max(((params[n].double() - p.detach()).abs().max() / p.detach().abs().max()).item()
+                    for n, p in ref.named_parameters())
+    moved = max((p.detach() - q).abs().max().item() for p, q in zip(ref.parameters(), _initial(cfg)))
+    dims.destroy_groups()
+    return dict(param_err=param_err, loss_err=loss_err, norm_err=norm_err, moved=moved, first_norm=first_norm,
+                kind=engine.kind, dtype=str(next(iter(params.values())).dtype))
+
+
+def _initial(cfg):
+    from foxdist.model.fox import FoxLM
+
+    torch.manual_seed(cfg.train.seed)
+    return [p.detach().double() for p in FoxLM(cfg.model).parameters()]
+
+
+SUITE = DistSuite(world_size=2, timeout_s=600, checks=[
+    Check("zero1", _train, dict(stage=1, backend="deepspeed", run_dir="RUN_DIR")),
+    Check("zero2", _train, dict(stage=2, backend="deepspeed")),
+    Check("zero3", _train, dict(stage=3, backend="deepspeed")),
+    Check("plain", _train, dict(stage=0, backend="plain")),
+    Check("plain_fp32", _train, dict(stage=0, backend="plain", dtype="float32")),
+    Check("zero2_fp32", _train, dict(stage=2, backend="deepspeed", dtype="float32")),
+])
+
+
+@pytest.fixture(scope="module")
+def dp2(tmp_path_factory):
+    global _RUN_DIR
+    pytest.importorskip("deepspeed")
+    _RUN_DIR = tmp_path_factory.mktemp("zero1_run")
+    for c in SUITE.checks:
+        if c.kwargs.get("run_dir") == "RUN_DIR":
+            c.kwargs["run_dir"] = str(_RUN_DIR)
+    return SUITE.run()
+
+
+_RUN_DIR = None
+
+
+# DeepSpeed's ZeRO optimizers hold fp32 master weights and compute the norm in fp32 (see docstring)
+TOL = {"plain": dict(param_err=1e-10, loss_err=1e-12, norm_err=1e-10),
+       "zero": dict(param_err=1e-5, loss_err=1e-8, norm_err=1e-6)}
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "plain"])
+def test_matches_single_process_adamw(dp2, name):
+    m = dp2.get(name)
+    print(f"{name} ({dp2.seconds(name):.1f} s): {m}")
+    assert m["kind"] == ("plain" if name == "plain" else "deepspeed") and m["dtype"] == "torch.float64"
+    assert m["first_norm"] > 0.5  # clipping was active
+    assert m["moved"] > 1e-3  # the optimizer did move the parameters
+    for key, tol in TOL["plain" if name == "plain" else "zero"].items():
+        assert m[key] < tol, (key, m)
+
+
+def test_zero_fp32_matches_plain_fp32(dp2):
+    """An fp32 model: ZeRO-2 is as close to the fp64 single-process run as plain fp32 data parallelism."""
+    z, p = dp2.get("zero2_fp32"), dp2.get("plain_fp32")
+    assert z["dtype"] == p["dtype"] == "torch.float32"
+    assert z["param_err"] <= 2 * p["param_err"] + 1e-6, (z, p)
+    assert z["loss_err"] < 1e-6 and z["norm_err"] < 1e-5, z
+
+
+def test_deepspeed_config_saved_in_run_dir(dp2):
+    dp2.get("zero1")
+    path = _RUN_DIR / "deepspeed_config.json"
+    ds = json.loads(path.read_text())
+    assert ds["zero_optimization"]["stage"] == 1 and ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_deepspeed_config_generated_from_ours(tmp_path):
+    from foxdist.parallel.dims import ParallelDims
+    from foxdist.parallel.zero import deepspeed_config, write_deepspeed_config
+
+    cfg = _cfg(2)
+    cfg.parallel.tp, cfg.parallel.cp = 2, 2
+    cfg.train.global_batch_size = 8
+    dims = ParallelDims.from_config(cfg, 8)  # dp = 2
+    derived = derive(cfg, 8)
+    ds = deepspeed_config(cfg, dims, derived, dtype=torch.bfloat16)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["gradient_accumulation_steps"] == derived.grad_accum == 2
+    assert ds["train_batch_size"] == 2 * 2 * (2 * 2)  # micro * accum * (dp * cp)
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95] and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True
+    path = write_deepspeed_config(ds, tmp_path / "run")
+    assert json.loads(path.read_text()) == ds
+    cfg.parallel.zero_stage = 4
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3"):
+        deepspeed_config(cfg, dims, derived)
+
+
+def test_zero_without_deepspeed_explains(monkeypatch):
+    from foxdist.parallel import zero
+    from foxdist.parallel.dims import ParallelDims
+
+    monkeypatch.setattr(zero, "deepspeed_available", lambda: False)
+    cfg = _cfg(1)
+    with pytest.raises(ValueError, match=r"needs DeepSpeed: pip install 'foxdist\[parallel\]'"):
+        zero.build_engine(torch.nn.Linear(2, 2), cfg, ParallelDims(2), derive(cfg, 2))
+
