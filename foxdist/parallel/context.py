@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,7 @@ class CPContext:
         self.ring_size = w // u
         self.ulysses_rank, self.ring_rank = self.rank % u, self.rank // u
         self.ring_layout = Layout(layout, self.ring_size)
-        self._plans: dict = {}
+        self._plans: OrderedDict = OrderedDict()
         if w > 1:
             self._check_agreement()
             gs = w
@@ -179,10 +180,16 @@ class CPContext:
         return CPSequence(self)
 
     def plan(self, t_global: int, cu_seqlens=None) -> RingPlan:
+        """The ring schedule for this length and document layout (a small LRU cache: packed batches
+        bring new ``cu_seqlens`` every step, and all layers of a step share one plan)."""
         key = (t_global, None if cu_seqlens is None else tuple(cu_seqlens))
-        if key not in self._plans:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
             self._plans[key] = RingPlan.build(self.ring_layout, t_global, None if cu_seqlens is None
                                               else list(cu_seqlens))
+            while len(self._plans) > 8:
+                self._plans.popitem(last=False)
         return self._plans[key]
 
     def __repr__(self):
