@@ -121,6 +121,37 @@ def _compare(rank, world, *, tp, sp=False, model=None, acp_eps=None, docs=False)
     return _max_over_world(m)
 
 
+def _compare_cp(rank, world, *, tp, cp, sp, layout="zigzag", mode="ring"):
+    """tp x cp: the TP model on context-parallel shards (``seq`` = the CP adapter) vs the reference."""
+    import torch.distributed as dist
+
+    from foxdist.model.fox import FoxLM
+    from foxdist.parallel.context import CPContext
+    from foxdist.parallel.tensor import build_tp_model, gather_full, gather_logits
+
+    cfg = ModelConfig(**BASE)
+    dims = ParallelDims(world, tp=tp, cp=cp, sequence_parallel=sp).init_groups()
+    ctx = CPContext(dims.cp_group, layout=layout, mode=mode)
+    seq = ctx.sequence()
+    torch.manual_seed(SEED)
+    ref = FoxLM(cfg).double()
+    tpm = build_tp_model(cfg, dims, seed=SEED, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    toks = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
+    cot = torch.randn(B, T, ref.vocab, generator=gen, dtype=torch.float64)
+    local = tpm(ctx.shard(toks, dim=1), seq=seq)
+    rl = ref(toks)
+    m = {"logits": _rel(ctx.gather(gather_logits(tpm, local.detach()), dim=1), rl.detach())}
+    (rl * cot).sum().backward()
+    (local * ctx.shard(cot, dim=1).chunk(tp, dim=-1)[dims.tp_rank]).sum().backward()
+    for p in tpm.parameters():  # each cp rank holds the gradient of its own tokens: sum over cp
+        dist.all_reduce(p.grad, group=dims.cp_group)
+    got = gather_full(tpm, grads=True)
+    m["grads"] = max(_rel(got[n], p.grad) for n, p in ref.named_parameters())
+    dims.destroy_groups()
+    return _max_over_world(m)
+
+
 def _check_compat(rank, world):
     """The megatron-core CPU layer: RNG tracker and the sequence-parallel mappings on gloo."""
     from megatron.core import tensor_parallel as mtp
@@ -176,11 +207,13 @@ def _check_compat(rank, world):
 SUITE = DistSuite(world_size=4, timeout_s=600, checks=[
     Check("compat", _check_compat),
     Check("tp4", _compare, dict(tp=4, docs=True)),
-    Check("tp4_sp", _compare, dict(tp=4, sp=True)),
+    Check("tp4_sp_actckpt", _compare, dict(tp=4, sp=True, model=dict(activation_checkpointing=True))),
     Check("tp2_dp2", _compare, dict(tp=2, docs=True)),
     Check("tp2_dp2_sp_acp", _compare, dict(tp=2, sp=True, acp_eps=math.exp(-10))),
     Check("tp2_dp2_sp_transformer_tied", _compare,
           dict(tp=2, sp=True, model=dict(arch="transformer", tie_embeddings=True))),
+    Check("tp2_cp2_sp_zigzag_ring", _compare_cp, dict(tp=2, cp=2, sp=True)),
+    Check("tp2_cp2_contiguous_ulysses", _compare_cp, dict(tp=2, cp=2, sp=False, layout="contiguous", mode="ulysses")),
 ])
 
 
@@ -199,13 +232,19 @@ def test_report_metrics(world4):
         print(f"{name} ({world4.seconds(name):.1f} s): {world4.get(name)}")
 
 
+@pytest.mark.parametrize("name", ["tp2_cp2_sp_zigzag_ring", "tp2_cp2_contiguous_ulysses"])
+def test_tp_with_context_parallel(world4, name):
+    m = world4.get(name)
+    assert m["logits"] < EXACT and m["grads"] < EXACT, m
+
+
 def test_megatron_cpu_compat(world4):
     out = world4.get("compat")
     assert out.pop("proxy_device") == "cpu"
     assert all(out.values()), out
 
 
-@pytest.mark.parametrize("name", ["tp4", "tp4_sp", "tp2_dp2", "tp2_dp2_sp_acp", "tp2_dp2_sp_transformer_tied"])
+@pytest.mark.parametrize("name", ["tp4", "tp4_sp_actckpt", "tp2_dp2", "tp2_dp2_sp_acp", "tp2_dp2_sp_transformer_tied"])
 def test_tp_matches_single_device_fp64(world4, name):
     m = world4.get(name)
     assert m["init"] == 0.0 and m["num_params"] == 0
