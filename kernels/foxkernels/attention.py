@@ -336,9 +336,10 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h
         cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
         lse2 = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
-        bq = tl.load(BQ + (qs + offs_m) * s_bq_t + h * s_bq_h, mask=rmask, other=0.0)
-        # decay = (cq_i + bq_i - bk) - ck_j: the query-side part joins the row statistic ([BM] work)
-        lse2r = lse2 - (cq + (bq - bk).to(tl.float32)) * 1.4426950408889634
+        # the query tile lies inside one TILE of its document, so its fp64 base is one scalar
+        dd = (tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h) - bk).to(tl.float32)
+        # decay = (cq_i + dd) - ck_j: the query-side part joins the row statistic ([BM] work)
+        lse2r = lse2 - (cq + dd) * 1.4426950408889634
         sT = tl.dot(k, qT)  # [BN, BM]
         sT = sT * sm_scale2 - col2[:, None]
         if MASKED:
@@ -422,7 +423,12 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, BOUND, CU
 # host side
 # ----------------------------------------------------------------------------------------------
 def _dmode() -> int:
-    return int(os.environ.get("FOXKERNELS_DECAY_MODE", "0"))
+    return int(os.environ.get("FOXKERNELS_DECAY_MODE", "1"))
+
+
+def _force_table(kernel: str) -> bool:
+    """Run a dense call through the ACP-table code path (a table of zeros) for this kernel."""
+    return kernel in os.environ.get("FOXKERNELS_FORCE_TABLE", "fwd").split(",")
 
 
 def _config(d: int, tile: int):
@@ -468,6 +474,13 @@ class _Plan:
                 cq, ck, bq, bk, d, self.bound, cu_q, cu_k,
                 cq.stride(0), cq.stride(1), ck.stride(0), ck.stride(1), bq.stride(0), bq.stride(1),
                 bk.stride(0), bk.stride(1), self.max_units, h, TILE=tile, CAUSAL=causal, NV=256)
+
+    def zero_table(self):
+        """An all-zero ACP table (nothing pruned), for dense calls that take the table code path."""
+        if getattr(self, "_zeros", None) is None:
+            self._zeros = torch.zeros((self.n_docs, self.max_units, self.h), dtype=torch.int32,
+                                      device=self.cq.device)
+        return self._zeros
 
     def count(self, stats):
         """Add this call's unit counts to an AcpStats (tiles_total, tiles_pruned)."""
@@ -525,7 +538,11 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
     lse = _empty((nq_tok, h), torch.float32, q.device)
     if plan.max_q == 0:
         return o, lse
-    bound = plan.bound if plan.bound is not None else lse  # dummy pointer when ACP is off
+    bound, use_acp = plan.bound, plan.bound is not None
+    if bound is None and _force_table("fwd"):
+        bound, use_acp = plan.zero_table(), True
+    if bound is None:
+        bound = lse  # dummy pointer when ACP is off
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
     _fwd_kernel[grid](
         q, k, v, plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound, plan.cu_q, plan.cu_k,
@@ -533,7 +550,7 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E, plan.max_units, h, h // hkv,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=plan.bound is not None, DMODE=_dmode(),
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, DMODE=_dmode(),
         num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -552,15 +569,18 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         return dq, dk, dv, dc
     bound = plan.bound if plan.bound is not None else lse2
     use_acp = plan.bound is not None
+    dq_bound, dq_acp = bound, use_acp
+    if not use_acp and _force_table("dq"):
+        dq_bound, dq_acp = plan.zero_table(), True
     common = (plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
               plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1),
               lse2.stride(0), lse2.stride(1), scale, scale * LOG2E, plan.max_units, h, h // hkv)
     bm, bn, warps, stages = cfg["dq"]
     _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
-        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, bound, plan.cu_q, plan.cu_k,
+        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, DMODE=_dmode(),
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
         num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = cfg["dkdv"]
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
