@@ -2,17 +2,20 @@
 
 Layout::
 
-    RUN_DIR/checkpoints/step_00000100/state.pt   (model, optimizer, loader, RNG, counters)
-    RUN_DIR/checkpoints/step_00000100/COMPLETE   (written last: a directory without it is ignored)
-    RUN_DIR/checkpoints/latest                   (text: the name of the newest complete checkpoint)
+    RUN_DIR/checkpoints/step_00000100/rank00000.pt  (one per rank: model shard, optimizer, loader, RNG)
+    RUN_DIR/checkpoints/step_00000100/meta.json     (step and the parallel layout that wrote it)
+    RUN_DIR/checkpoints/step_00000100/COMPLETE      (written last: a directory without it is ignored)
+    RUN_DIR/checkpoints/latest                      (text: the name of the newest complete checkpoint)
 
-A save writes into ``step_N.tmp-<pid>``, fsyncs, renames the directory into place and only then
-replaces ``latest`` (temp file + ``os.replace``), so a process killed at any moment leaves the
-previous checkpoint loadable and ``latest`` pointing at a complete one.
+A save writes into ``step_N.tmp``; every rank writes and fsyncs its own file; after a barrier rank 0
+writes the marker, renames the directory into place and only then replaces ``latest`` (temp file +
+``os.replace``). A process killed at any moment therefore leaves the previous checkpoint loadable and
+``latest`` pointing at a complete one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -52,35 +55,56 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
-    """Write ``state`` as checkpoint ``step`` atomically, move ``latest`` to it, apply retention."""
+def _noop() -> None:
+    return None
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, keep_every: int = 0, *,
+                    rank: int = 0, meta: dict | None = None, barrier=_noop) -> Path:
+    """Collective save: every rank passes its own ``state``; ``barrier`` synchronises the ranks.
+
+    Returns the final checkpoint directory. ``meta`` (rank 0's) is stored as ``meta.json``.
+    """
     root = ckpt_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    final = root / name
-    tmp = root / f"{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    final, tmp = root / name, root / f"{name}.tmp"
+    error = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
     try:
-        with open(tmp / "state.pt", "wb") as f:
+        with open(tmp / f"rank{rank:05d}.pt", "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        (tmp / MARKER).write_text(f"{step}\n")
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ptr_tmp = root / f"latest.tmp-{os.getpid()}"
-        ptr_tmp.write_text(name + "\n")
-        os.replace(ptr_tmp, root / "latest")
-        _fsync_dir(root)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"saving checkpoint {final} failed ({e}); the previous checkpoint "
-                      f"{latest_checkpoint(run_dir)} is intact") from e
-    _retain(root, keep_last, keep_every)
+        error = e
+    barrier()
+    if rank == 0:
+        try:
+            if error is not None:
+                raise error
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **(meta or {})}, indent=2) + "\n")
+            (tmp / MARKER).write_text(f"{step}\n")
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ptr_tmp = root / f"latest.tmp-{os.getpid()}"
+            ptr_tmp.write_text(name + "\n")
+            os.replace(ptr_tmp, root / "latest")
+            _fsync_dir(root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"saving checkpoint {final} failed ({e}); the previous checkpoint "
+                          f"{latest_checkpoint(run_dir)} is intact") from e
+        _retain(root, keep_last, keep_every)
+    elif error is not None:
+        raise OSError(f"rank {rank} could not write its part of checkpoint {final}: {error}") from error
+    barrier()
     return final
 
 
@@ -114,13 +138,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1][1] if done else None
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint directory's state on CPU (tensors are moved by the caller's load_state_dict)."""
-    f = Path(path) / "state.pt"
+def load_checkpoint(path: Path, rank: int = 0, expect: dict | None = None) -> dict:
+    """Load this rank's part of a checkpoint directory on CPU.
+
+    ``expect``: layout values (e.g. ``{"world_size": 4, "tp": 2}``) that must match ``meta.json``.
+    """
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if expect and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        diffs = [f"{k}: saved {meta.get(k)!r}, now {v!r}" for k, v in expect.items() if k in meta and meta[k] != v]
+        if diffs:
+            raise ValueError(f"checkpoint {path} was written with another parallel layout ({'; '.join(diffs)}); "
+                             f"resume with the same layout")
+    f = path / f"rank{rank:05d}.pt"
     if not f.exists():
-        raise ValueError(f"checkpoint {path} has no state.pt; it is incomplete or not a foxdist checkpoint")
+        raise ValueError(f"checkpoint {path} has no {f.name}; it is incomplete, not a foxdist checkpoint, or was "
+                         f"written by fewer ranks than this run has")
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise ValueError(f"checkpoint {f} cannot be read ({type(e).__name__}: {e}); delete it (the previous "
-                         f"checkpoint in {path.parent} stays usable) or restore it from a copy") from e
+        raise ValueError(f"checkpoint file {f} cannot be read ({type(e).__name__}: {e}); delete {path} (the "
+                         f"previous checkpoint in {path.parent} stays usable) or restore it from a copy") from e

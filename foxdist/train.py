@@ -136,28 +136,39 @@ class Trainer:
         return int(flag.item())
 
     # ---- state -----------------------------------------------------------------------------------
+    @property
+    def _replica_rank(self) -> int:
+        """The rank holding this rank's model and optimizer state in data-parallel replica 0."""
+        return self.rt.rank % (self.derived.tp * self.derived.cp)
+
+    def _layout(self) -> dict:
+        d = self.derived
+        return {"world_size": d.world_size, "tp": d.tp, "cp": d.cp, "dp": d.dp}
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "model": self.model.state_dict(), "optim": self.opt.state_dict(),
-                "loader": self.loader.state_dict(), "rng": rng_state(), "skipped_total": self.skipped_total,
-                "config": self.cfg.to_dict()}
+        """This rank's checkpoint part: RNG and loader always; model and optimizer on replica 0 only
+        (data-parallel replicas are identical, so the other ranks need not write them again)."""
+        state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
+                 "skipped_total": self.skipped_total}
+        if self.rt.rank == self._replica_rank:
+            state.update(model=self.model.state_dict(), optim=self.opt.state_dict(), config=self.cfg.to_dict())
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optim"])
-        # rank 0 saves the loader state; epoch and position are the same on every data-parallel rank
-        self.loader.load_state_dict({**state["loader"], "dp_rank": self.loader.state_dict()["dp_rank"]})
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        self.skipped_total = state.get("skipped_total", 0)
+    def load(self, path: Path) -> None:
+        own = load_checkpoint(path, self.rt.rank, expect=self._layout())
+        src = own if "model" in own else load_checkpoint(path, self._replica_rank)
+        self.model.load_state_dict(src["model"])
+        self.opt.load_state_dict(src["optim"])
+        self.loader.load_state_dict(own["loader"])
+        set_rng_state(own["rng"])
+        self.step = own["step"]
+        self.skipped_total = own.get("skipped_total", 0)
 
-    def save(self) -> Path | None:
-        path = None
-        if self.rt.is_main:
-            c = self.cfg.checkpoint
-            path = save_checkpoint(self.run_dir, self.step, self.state_dict(), c.keep_last, c.keep_every)
-        if self.rt.distributed:
-            dist.barrier()
-        return path
+    def save(self) -> Path:
+        c = self.cfg.checkpoint
+        barrier = dist.barrier if self.rt.distributed else (lambda: None)
+        return save_checkpoint(self.run_dir, self.step, self.state_dict(), c.keep_last, c.keep_every,
+                               rank=self.rt.rank, meta=self._layout(), barrier=barrier)
 
     # ---- steps -----------------------------------------------------------------------------------
     def _autocast(self):
@@ -223,7 +234,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         ckpt = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
         if ckpt is not None:
-            self.load_state_dict(load_checkpoint(ckpt))
+            self.load(ckpt)
         if rt.is_main:
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         log = MetricsLogger(self.run_dir, cfg.train.max_steps, self.step, enabled=rt.is_main,
