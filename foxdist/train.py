@@ -289,9 +289,11 @@ class Trainer:
             if rt.is_main:
                 log.message(f"done: {self.step} steps, final loss {last.get('loss', float('nan')):.4f}"
                             + (f", val loss {ev['val_loss']:.4f}" if ev else ""))
-                log.message(f"run directory: {self.run_dir.resolve()}\n  checkpoint:  {final}\n  "
-                            f"metrics:     {self.run_dir.resolve() / 'metrics.jsonl'}\n  tensorboard: "
-                            f"tensorboard --logdir {self.run_dir.resolve() / 'tb'}")
+                where = (f"run directory: {self.run_dir.resolve()}\n  checkpoint:  {final}\n  "
+                         f"metrics:     {self.run_dir.resolve() / 'metrics.jsonl'}")
+                if cfg.logging.tensorboard:
+                    where += f"\n  tensorboard: tensorboard --logdir {self.run_dir.resolve() / 'tb'}"
+                log.message(where)
             return {**last, **ev}
         finally:
             log.close()
