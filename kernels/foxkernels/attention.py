@@ -6,52 +6,71 @@ causal (or full, for an off-diagonal context-parallel block), softmax over j, ``
 All scores are kept in base 2: ``s2 = s * log2(e)``, so the kernels use ``exp2`` and fold ``log2(e)``
 into the scale and the decay vectors once per tile row/column instead of once per element.
 
-Major choices (numbers from the design notes and from ``bench/attention.py``; results in
-``bench/results/attention-*.json``):
+Major choices, with the measurements that decided them (``bench/attention.py``; bf16, B = 1, fwd+bwd
+medians; "H100"/"H200" = the lent machine of that run; full tables in ``bench/results/attention-*.json``):
 
 * **Everything is varlen.** Each program owns one (document, query tile, head). A plain batch is
   ``B`` documents of length ``T`` laid end to end (``cu = [0, T, 2T, ...]``), so one code path serves
   ``[B, T]`` inputs, ``cu_seqlens`` packing and the block primitive's ``[B, Tq] x [B, Tk]`` pairs.
-  Documents shorter than the longest exit at once (a few microseconds for the whole grid).
-  Query tiles are launched heaviest first (causal tile m has m + 1 key tiles), which evens the tail.
+  Programs of tiles past a short document's end exit at once. Query tiles are launched heaviest
+  first (causal tile m has m + 1 key tiles), which evens the tail.
 * **Precision of the decay.** A global fp32 prefix sum at ``|c| ~ 1e5`` (64k tokens of a fast-forgetting
-  head) rounds every ``c_j`` by ~0.008, i.e. ~0.8% noise on each attention weight. We therefore pass
-  ``c`` as fp32 *tile-local* sums ``cl`` (restarting every ``TILE`` tokens of a document) plus an fp64
-  per-token base (the fp64 sum of all earlier tiles, read once per tile). The kernel adds
-  ``(base_q - base_k)`` (fp64 -> fp32, once per tile pair) to the query-row vector; it is large only
-  where the weights are ``exp(-large)`` anyway. The block primitive receives the caller's chunk-local
-  ``cq, ck`` and the fp64 chunk offset through the same two inputs.
+  head) rounds every ``c_j`` by ~0.008, i.e. ~0.8% noise on each attention weight. We pass ``c`` as fp32
+  *tile-local* sums ``cl`` (restarting every ``TILE`` tokens of a document) plus an fp64 per-token base
+  (the fp64 sum of all earlier tiles). A kernel tile never straddles a ``TILE`` boundary, so the base is
+  one scalar per tile: ``base_q - base_k`` is formed in fp64 once per tile pair. Reading that base as
+  a per-key fp64 vector instead cost 4.24 vs 3.56 ms (fwd, T16k H24 D64, H200) and 13.5 vs 11.3 ms
+  (T32k H16 D128). The block primitive receives the caller's chunk-local ``cq, ck`` and the fp64 chunk
+  offset through the same two inputs.
+* **One FMA per score for the decay.** ``decay_ij = cq_i - colb_j``: the row part is constant along a
+  softmax row, so the forward leaves it out of the running max/sum and adds it to the lse at the end,
+  and the backward folds it into the row statistic (``lse2 - cq_i``); per score element only
+  ``qk * scale*log2e - colb_j`` remains. What the decay still costs (loading ``cl`` per key tile and
+  broadcasting it) against the same kernel without any decay: fwd 3.41 vs 2.83 ms (D64) and
+  11.3 vs 10.1 ms (D128); fwd+bwd 12.1 vs 10.5 and 51.4 vs 47.7 ms (H200).
 * **ACP.** Pruning is decided on a grid of ``TILE x TILE`` units (``TILE = 128`` by default, the same
-  grid as the PyTorch reference, so both prune exactly the same pairs). A tiny kernel computes, per
-  (document, query unit, head), the first key unit whose largest decay ``c_first_q - c_last_k`` reaches
-  ``delta``; because ``c`` is non-increasing the pruned units form a prefix, and the scan reads the
-  per-unit end values ``NV`` at a time (one vector load covers 256 units = 32k keys, so a unit's
-  search is one or two iterations: linear time overall). The forward, the dq kernel and the dkdv
-  kernel all read this one table (fwd and bwd skip exactly the same pairs); every kernel tile divides
-  ``TILE`` so a tile is either wholly pruned or wholly kept, and no per-element ACP mask exists. The
-  dkdv kernel needs, for its key tile, the *last* query unit that keeps it; since the table is
-  non-decreasing along query units that is again a vectorised search for the first unit with
-  ``bound > key unit``. When nothing is prunable the whole cost is that one tiny launch.
+  grid as the PyTorch reference, so both prune exactly the same units: the tests assert equal counts).
+  A tiny kernel computes, per (document, query unit, head), the first key unit whose largest decay
+  ``c_first_q - c_last_k`` reaches ``delta``; because ``c`` is non-increasing the pruned units form a
+  prefix, and the scan reads the per-unit end values 256 at a time (one vector load covers 32k keys, so
+  a unit's search is one or two iterations: linear in the number of units). The forward and the dq
+  kernel start their key loop at that bound; every kernel tile divides ``TILE``, so a tile is wholly
+  pruned or wholly kept and no per-element ACP mask exists. The dkdv kernel needs, per key unit, the
+  first query unit that prunes it; the table is non-decreasing along query units, so that is a sorted
+  search (``torch.searchsorted``, once per call) and the dkdv loop simply ends there. All three passes
+  therefore skip exactly the same (query unit, key unit) pairs. An earlier version searched inside the
+  dkdv kernel (a while loop per key tile and head) and cost +3 to +5% fwd+bwd on near-1 gates.
+* **Dense forward through the table path at D=128.** With the key loop starting at a loaded bound
+  (a table of zeros when ACP is off) the D128 forward ran 11.3 ms against 13.7 ms with a constant
+  start (T32k, H200); at D64 it was 3.56 against 3.41 ms, so D64 keeps the constant start.
 * **Diagonal split.** Fully visible key tiles run a loop with no mask arithmetic and unmasked loads;
   only the diagonal tile(s) and a partial last tile go through the masked loop.
 * **Backward without atomics.** ``delta_i = do_i . o_i`` in a small pre-kernel; then a dq kernel
   (query tile fixed, loop over its key tiles) and a dkdv kernel (key tile fixed, loop over the query
   tiles that see it; for GQA the program loops over the query heads of its kv head, so dk and dv are
   summed in registers and written once). The dkdv kernel also produces ``dc_j = -sum_i dS_ij`` per
-  query head; ``dg`` is its per-document reverse cumulative sum (fp64, in PyTorch).
+  query head; ``dg`` is its per-document reverse cumulative sum (fp64, in PyTorch). Profile (H100,
+  T16k H24 D64): dkdv 46%, dq 28%, fwd 24% of the fwd+bwd time; the PyTorch glue (prefix sums, dg)
+  under 2%. Per-token, per-head arrays (``cl``, base, lse2, delta, dc) are stored head-major so the
+  kernels' [BLOCK] loads along tokens are contiguous and PyTorch's scans run along the contiguous dim
+  (a cumsum along dim 0 of ``[T, H]`` is a sequential loop per column: ~1 ms at T=16k).
 * **The query-side decay gradient is zero, so it is not computed.** ``dL/dc_i = sum_j dS_ij`` with
   ``dS_ij = p_ij (dp_ij - delta_i)``, ``dp_ij = do_i . v_j`` and ``delta_i = do_i . o_i``. Then
   ``sum_j dS_ij = sum_j p_ij do_i.v_j - delta_i sum_j p_ij = do_i.o_i - delta_i * 1 = 0``: adding a
   constant to a whole row of scores leaves the softmax unchanged, so its gradient vanishes.
+* **bf16 dg.** ``delta_i`` uses the bf16 output (as every flash kernel does), and ``dg`` sums ``dc`` over
+  the rest of the document, so its relative error grows with T (0.02 at 1k, ~0.3 at 16k-64k against
+  an fp32 reference on mixed gates); the fp32 reference fed the same bf16 inputs and storing a bf16
+  output shows the same size of error (0.03 / 0.15 / 0.40), so this is bf16 storage, not the kernel.
+  o, dq, dk, dv are within 1.7e-3 to 4e-3 of the fp32 reference at every T.
 * Rows that see no key (an all-pruned off-diagonal block, an empty key block) keep the running max at
   a finite ``-1e30`` so that no ``inf - inf`` arises; they return ``o = 0`` and ``lse = -inf``.
 
-Block sizes and warps per head dim are in :func:`_config` (tuned on the H100; see the bench JSON).
+Block sizes and warps per head dim are in :func:`_config` (a sweep on the H100, T=16k).
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -61,7 +80,6 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 DEFAULT_TILE = 128
-_NEG = -1.0e30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,12 +372,12 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, BOUND, CU_Q, CU_K,
+def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, CU_K,
                  s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_do_t, s_do_h, s_dk_t, s_dk_h, s_dv_t, s_dv_h,
                  s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
-                 sm_scale, sm_scale2, max_units, H, GROUP,
+                 sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, NV: tl.constexpr):
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
@@ -378,7 +396,6 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, BOUND, CU
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
         ku = n0 // TILE
-        n_uq = (lq + TILE - 1) // TILE
         for g in range(0, GROUP):
             h = hk * GROUP + g
             ck = tl.load(CK + (ks + offs_n) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0)
@@ -388,18 +405,8 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, BOUND, CU
             # query rows that keep this key tile: [start, end)
             end = lq
             if USE_ACP:
-                first = n_uq
-                v0 = ku * 0
-                if CAUSAL:
-                    v0 = ku
-                while v0 < n_uq:
-                    idx = v0 + tl.arange(0, NV)
-                    valid = idx < n_uq
-                    b = tl.load(BOUND + (z * max_units + idx) * H + h, mask=valid, other=0)
-                    f = tl.min(tl.where(valid & (b > ku), idx, n_uq), axis=0)
-                    first = tl.minimum(first, f)
-                    v0 = tl.where(f < n_uq, n_uq, v0 + NV)
-                end = tl.minimum(lq, first * TILE)
+                # ENDS[z, h, ku]: first query unit that prunes key unit ku (see _Plan.dkdv_ends)
+                end = tl.minimum(lq, tl.load(ENDS + (z * H + h) * max_kunits + ku) * TILE)
             if CAUSAL:
                 # diagonal: rows n0 .. n0+BN-1 see part of the tile
                 dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h,
@@ -426,9 +433,16 @@ def _dmode() -> int:
     return int(os.environ.get("FOXKERNELS_DECAY_MODE", "1"))
 
 
-def _force_table(kernel: str) -> bool:
-    """Run a dense call through the ACP-table code path (a table of zeros) for this kernel."""
-    return kernel in os.environ.get("FOXKERNELS_FORCE_TABLE", "fwd").split(",")
+def _force_table(kernel: str, d: int) -> bool:
+    """Run a dense call through the ACP-table code path (a table of zeros) for this kernel.
+
+    Measured on the H200 (bf16, T=32k, D=128): the forward with its key loop starting at a loaded
+    bound ran 11.3 ms against 13.7 ms with the constant start; at D=64 (T=16k) 3.56 against 3.41 ms.
+    """
+    env = os.environ.get("FOXKERNELS_FORCE_TABLE")
+    if env is not None:
+        return kernel in env.split(",")
+    return kernel == "fwd" and d >= 128
 
 
 def _config(d: int, tile: int):
@@ -474,6 +488,25 @@ class _Plan:
                 cq, ck, bq, bk, d, self.bound, cu_q, cu_k,
                 cq.stride(0), cq.stride(1), ck.stride(0), ck.stride(1), bq.stride(0), bq.stride(1),
                 bk.stride(0), bk.stride(1), self.max_units, h, TILE=tile, CAUSAL=causal, NV=256)
+
+    def dkdv_ends(self):
+        """``[n_docs, H, key units]`` int32: the first query unit whose pruned prefix covers each key unit.
+
+        The table ``bound[z, u, h]`` is non-decreasing in u (c is non-increasing), so the query units
+        that keep key unit ku are exactly those before the first u with ``bound > ku``: a sorted search.
+        The dkdv kernel then loops over query rows ``[.., min(Lq, ends * TILE))``, skipping the same
+        (query unit, key unit) pairs as the forward and the dq kernel.
+        """
+        if getattr(self, "_ends", None) is None:
+            t, dev = self.tile, self.bound.device
+            nq = torch.tensor([-(-lq // t) for lq in self.lens_q], device=dev)
+            valid = torch.arange(self.max_units, device=dev)[None, :] < nq[:, None]
+            seq = torch.where(valid[..., None], self.bound, torch.iinfo(torch.int32).max)
+            seq = seq.permute(0, 2, 1).contiguous()  # [n_docs, H, units]
+            nk = max(1, -(-self.max_k // t))
+            ku = torch.arange(nk, dtype=torch.int32, device=dev).expand(self.n_docs, self.h, nk).contiguous()
+            self._ends = torch.searchsorted(seq, ku, right=True).to(torch.int32)
+        return self._ends
 
     def zero_table(self):
         """An all-zero ACP table (nothing pruned), for dense calls that take the table code path."""
@@ -539,7 +572,7 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
     if plan.max_q == 0:
         return o, lse
     bound, use_acp = plan.bound, plan.bound is not None
-    if bound is None and _force_table("fwd"):
+    if bound is None and _force_table("fwd", d):
         bound, use_acp = plan.zero_table(), True
     if bound is None:
         bound = lse  # dummy pointer when ACP is off
@@ -570,11 +603,12 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
     bound = plan.bound if plan.bound is not None else lse2
     use_acp = plan.bound is not None
     dq_bound, dq_acp = bound, use_acp
-    if not use_acp and _force_table("dq"):
+    if not use_acp and _force_table("dq", d):
         dq_bound, dq_acp = plan.zero_table(), True
-    common = (plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
-              plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1),
-              lse2.stride(0), lse2.stride(1), scale, scale * LOG2E, plan.max_units, h, h // hkv)
+    strides = (plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
+               plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1),
+               lse2.stride(0), lse2.stride(1), scale, scale * LOG2E)
+    common = (*strides, plan.max_units, h, h // hkv)
     bm, bn, warps, stages = cfg["dq"]
     _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
@@ -582,12 +616,14 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
         num_warps=warps, num_stages=stages)
+    ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
-        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, bound, plan.cu_q, plan.cu_k,
+        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *common,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, NV=256,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
+        ends.shape[-1] if use_acp else 1, h, h // hkv,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
         num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
