@@ -26,6 +26,13 @@ nothing when ``torch.cuda.is_available()``:
    Result: ``model_parallel_cuda_manual_seed(seed)`` works and ``get_cuda_rng_tracker().fork()``
    gives per-tp-rank random streams that leave the default stream untouched.
 
+3. **CPU autocast in the linear layers' backward.** ``LinearWithGradAccumulationAndAsyncCommunication``
+   and ``LinearWithFrozenWeight`` (the autograd functions behind the column/row-parallel layers)
+   are decorated with ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")``, which restore the
+   forward's autocast state in the backward for CUDA autocast only. Under ``torch.autocast("cpu",
+   bf16)`` the backward would then multiply a bf16 gradient by an fp32 weight and fail. The
+   undecorated ``forward``/``backward`` are re-decorated with ``device_type="cpu"``.
+
 Not patched (not needed by foxdist on CPU): ``dist_checkpointing.save``, pipeline schedules,
 megatron's DDP and optimizers (CUDA-only by design), TransformerEngine paths.
 """
@@ -125,6 +132,20 @@ def _make_tracker_class(base):
     return CpuRNGStatesTracker
 
 
+def _cpu_autocast_linear_functions():
+    import inspect
+
+    from megatron.core.tensor_parallel import layers as mlayers
+
+    for name in ("LinearWithGradAccumulationAndAsyncCommunication", "LinearWithFrozenWeight"):
+        cls = getattr(mlayers, name, None)
+        if cls is None:
+            continue
+        fwd, bwd = inspect.unwrap(cls.forward), inspect.unwrap(cls.backward)
+        cls.forward = staticmethod(torch.amp.custom_fwd(device_type="cpu")(fwd))
+        cls.backward = staticmethod(torch.amp.custom_bwd(device_type="cpu")(bwd))
+
+
 def needed() -> bool:
     """True when there is no usable GPU (the only case in which the patches are applied)."""
     return not torch.cuda.is_available()
@@ -146,6 +167,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
         mod = importlib.import_module(name)
         if getattr(mod, "torch", None) is torch:
             mod.torch = proxy
+    _cpu_autocast_linear_functions()
     mrandom = sys.modules["megatron.core.tensor_parallel.random"]
     mrandom._get_cuda_rng_state = _cpu_get_rng_state
     mrandom._set_cuda_rng_state = _cpu_set_rng_state

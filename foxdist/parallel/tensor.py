@@ -332,7 +332,13 @@ class TPFoxLM(nn.Module):
         return self.norm_f(x)
 
     def forward(self, tokens, targets=None, *, seq=_LOCAL, cu_seqlens=None, reduction: str = "mean"):
-        logits, _ = self.lm_head(self.hidden_states(tokens, seq, cu_seqlens))  # [T, B, V/tp]
+        h = self.hidden_states(tokens, seq, cu_seqlens)
+        dev = h.device.type
+        if torch.is_autocast_enabled(dev):
+            # what autocast would do inside the matmul anyway; with sequence parallelism megatron's
+            # backward reduce-scatters a gradient buffer of the *input's* dtype, which must match
+            h = h.to(torch.get_autocast_dtype(dev))
+        logits, _ = self.lm_head(h)  # [T, B, V/tp]
         if targets is None:
             return logits.transpose(0, 1)
         mtp, _ = _mcore()
