@@ -1,0 +1,366 @@
+"""GPU correctness check and benchmark of the Triton forgetting-attention kernels.
+
+Usage (on a CUDA machine, from the repository root):
+
+    PYTHONPATH=kernels:. python bench/attention.py [--out DIR] [--sweep] [--skip-check] [--shapes ...]
+
+1. Correctness: bf16 kernel vs an fp32 reference computed blockwise in PyTorch
+   (:func:`foxdist.ops.forgetting_attention` with ``impl="reference"``) at T from 1k to 64k, mixed
+   gates; relative errors ``|x - ref| / |ref|`` of o and of dq, dk, dv, dg. Also varlen + GQA and ACP.
+2. Timing (``triton.testing.do_bench``, median, ms) of forward and forward+backward at B = 1 for
+   SDPA causal (flash backend, no gate), FLA ``parallel_forgetting_attn`` (if importable), ours dense,
+   ours with ACP on near-1 gates (logit bias 10: nothing prunable) and on mixed gates (per-head logit
+   bias linspace(-1, 8) plus unit noise). The ACP threshold uses U from the max norms of q and k
+   (computed once outside the timed region, as a caller with a QK-norm bound would pass it).
+3. ``--sweep``: time kernel tile configurations (``FOXKERNELS_CONFIG``) to pick the defaults.
+
+Writes ``attention-<gpu>-<date>.json`` into ``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "kernels"), os.path.join(os.path.dirname(__file__), "..")]
+
+import triton  # noqa: E402
+
+import foxkernels  # noqa: E402
+from foxdist.ops import AcpStats, acp_threshold, forgetting_attention, qk_bound  # noqa: E402
+
+EPS = math.exp(-10.0)
+OFFICIAL_ACP_MIXED = {"T16k_H24_D64": 7.33, "T32k_H16_D128": 18.10, "T64k_H16_D128": 54.18}
+SHAPES = {"T16k_H24_D64": (16384, 24, 64), "T32k_H16_D128": (32768, 16, 128), "T64k_H16_D128": (65536, 16, 128)}
+
+
+def gates(t, h, kind, device, gen):
+    x = torch.randn(1, t, h, device=device, generator=gen)
+    if kind == "near1":
+        x = x + 10.0
+    elif kind == "mixed":
+        x = x + torch.linspace(-1.0, 8.0, h, device=device)
+    elif kind == "default":
+        x = x + 2.0
+    return F.logsigmoid(x).float()
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bench(fn, rep=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+# ----------------------------------------------------------------------------------------------
+def check(device, results):
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    os.environ["FOXKERNELS_POISON"] = "1"
+    cases = [(1024, 4, 4, 128, None, False), (4096, 4, 2, 128, None, False), (16384, 4, 4, 64, None, False),
+             (16384, 2, 2, 128, None, True), (65536, 2, 1, 128, None, False),
+             (8192, 4, 2, 64, [0, 1000, 1001, 5000, 8192], False)]
+    for t, h, hkv, d, cu, acp in cases:
+        q = torch.randn(1, t, h, d, device=device, generator=gen).bfloat16()
+        k = torch.randn(1, t, hkv, d, device=device, generator=gen).bfloat16()
+        v = torch.randn(1, t, hkv, d, device=device, generator=gen).bfloat16()
+        g = gates(t, h, "mixed", device, gen)
+        do = torch.randn(1, t, h, d, device=device, generator=gen).bfloat16()
+        cu_t = torch.tensor(cu, device=device, dtype=torch.int32) if cu else None
+        kw = dict(cu_seqlens=cu_t, acp_eps=EPS if acp else None)
+        st = AcpStats()
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        o = forgetting_attention(*xs, impl="triton", stats=st, **kw)
+        o.backward(do)
+        got = [o.detach()] + [x.grad for x in xs]
+        xr = [x.detach().float().clone().requires_grad_(True) for x in (q, k, v, g)]
+        chunk = 4096
+        orf = forgetting_attention(*xr, impl="reference", chunk=chunk, tile=128 if acp else chunk, **kw)
+        orf.backward(do.float())
+        ref = [orf.detach()] + [x.grad for x in xr]
+        errs = {n: rel(a, b) for n, a, b in zip(["o", "dq", "dk", "dv", "dg"], got, ref)}
+        # baseline: the same fp32 reference fed the bf16 inputs and saving a bf16 output (so its
+        # backward uses delta = do . o_bf16 like every flash kernel): the error that bf16 storage alone causes
+        xb = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        ob = forgetting_attention(*xb, impl="reference", chunk=chunk, tile=128 if acp else chunk, **kw)
+        ob.backward(do)
+        base = [ob.detach()] + [x.grad for x in xb]
+        errs.update({f"bf16_ref_{n}": rel(a, b) for n, a, b in zip(["o", "dq", "dk", "dv", "dg"], base, ref)})
+        del xb, ob, base
+        row = dict(T=t, H=h, Hkv=hkv, D=d, varlen=cu is not None, acp=acp,
+                   pruned_fraction=st.pruned_fraction, **errs)
+        rows.append(row)
+        print("check", row, flush=True)
+        del q, k, v, g, do, xs, xr, o, orf, got, ref
+        torch.cuda.empty_cache()
+    # the context-parallel block primitive (bf16 inputs, fp32 outputs) vs the PyTorch block reference (fp32)
+    from foxdist.ops import block as ref_block
+    brows = []
+    for causal in (True, False):
+        b, tq, h, hkv, d = 1, 4096, 4, 2, 128
+        q = torch.randn(b, tq, h, d, device=device, generator=gen).bfloat16()
+        k = torch.randn(b, tq, hkv, d, device=device, generator=gen).bfloat16()
+        v = torch.randn(b, tq, hkv, d, device=device, generator=gen).bfloat16()
+        cq = gates(tq, h, "mixed", device, gen).cumsum(1)
+        ck = cq if causal else gates(tq, h, "mixed", device, gen).cumsum(1)
+        off = None if causal else (ck[:, -1] - 5.0).double()
+        do = torch.randn(b, tq, h, d, device=device, generator=gen)
+        sc = d ** -0.5
+        o, lse = foxkernels.block_attention_fwd(q, k, v, cq, ck, off, scale=sc, causal=causal)
+        ro, rl = ref_block.block_attention_fwd(q.float(), k.float(), v.float(), cq, ck, off, scale=sc,
+                                               causal=causal, tile=tq)
+        dl = (do * ro).sum(-1)
+        got = foxkernels.block_attention_bwd(do, q, k, v, cq, ck, off, rl, dl, scale=sc, causal=causal)
+        ref = ref_block.block_attention_bwd(do, q.float(), k.float(), v.float(), cq, ck, off, rl, dl, scale=sc,
+                                            causal=causal, tile=tq)
+        row = dict(causal=causal, T=tq, H=h, Hkv=hkv, D=d, o=rel(o, ro), lse=rel(lse, rl),
+                   **{n: rel(a, r) for n, a, r in zip(["dq", "dk", "dv", "dck"], got, ref)})
+        brows.append(row)
+        print("check block", row, flush=True)
+    os.environ.pop("FOXKERNELS_POISON")
+    results["correctness_bf16_vs_fp32_reference"] = rows
+    results["correctness_block_primitive_bf16_vs_fp32_reference"] = brows
+
+
+# ----------------------------------------------------------------------------------------------
+def time_shape(name, t, h, d, device, results, fla):
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16)
+    do = torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16)
+    scale = d ** -0.5
+    out = {}
+
+    def fb(f, inputs):
+        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+
+        def fwd():
+            with torch.no_grad():
+                f(*xs)
+
+        def fwdbwd():
+            f(*xs).backward(do if xs[0].shape == do.shape else do.transpose(1, 2))
+        return [bench(fwd), bench(fwdbwd, rep=300)]
+
+    # SDPA flash, no gate, [B, H, T, D] layout
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+    def sdpa(a, b, c):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+    out["sdpa_flash"] = fb(sdpa, (qt, kt, vt))
+    for nm, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_default", None)):
+        def sd(a, b, c, be=be):
+            if be is None:
+                return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+        try:
+            out[nm] = fb(sd, (qt, kt, vt))
+        except Exception as e:  # noqa: BLE001
+            out[nm] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+    del qt, kt, vt
+    g_mixed = gates(t, h, "mixed", device, gen)
+    g_near1 = gates(t, h, "near1", device, gen)
+    if fla is not None:
+        try:
+            out["fla_parallel_forgetting_attn"] = fb(lambda a, b, c, gg: fla(a, b, c, gg, scale=scale),
+                                                     (q, k, v, g_mixed))
+        except Exception as e:  # noqa: BLE001
+            out["fla_parallel_forgetting_attn"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    out["ours_dense"] = fb(lambda a, b, c, gg: foxkernels.forgetting_attention(a, b, c, gg, scale=scale),
+                           (q, k, v, g_mixed))
+    out["ours_dense_near1"] = fb(lambda a, b, c, gg: foxkernels.forgetting_attention(a, b, c, gg, scale=scale),
+                                 (q, k, v, g_near1))
+    delta = acp_threshold(EPS, qk_bound(q, k, scale), t).to(device)
+    for kind, gg in (("near1", g_near1), ("mixed", g_mixed)):
+        st = AcpStats()
+        foxkernels.forgetting_attention(q, k, v, gg, scale=scale, acp_delta=delta, stats=st)
+        out[f"ours_acp_{kind}"] = fb(
+            lambda a, b, c, g_: foxkernels.forgetting_attention(a, b, c, g_, scale=scale, acp_delta=delta),
+            (q, k, v, gg))
+        out[f"pruned_fraction_{kind}"] = st.pruned_fraction
+    sd = out["sdpa_flash"]
+    sdd = out["sdpa_default"] if isinstance(out["sdpa_default"], list) else sd
+    dense = out["ours_dense"]
+    d1 = out["ours_dense_near1"]
+    out["ratio_dense_vs_sdpa_flash"] = [dense[0] / sd[0], dense[1] / sd[1]]
+    out["ratio_dense_vs_sdpa_default_cudnn"] = [dense[0] / sdd[0], dense[1] / sdd[1]]
+    out["acp_near1_overhead"] = [out["ours_acp_near1"][0] / d1[0] - 1, out["ours_acp_near1"][1] / d1[1] - 1]
+    out["ratio_acp_mixed_vs_official_acp"] = out["ours_acp_mixed"][1] / OFFICIAL_ACP_MIXED[name]
+    out["ratio_acp_mixed_vs_sdpa_flash"] = out["ours_acp_mixed"][1] / sd[1]
+    results.setdefault("timings_ms_fwd_fwdbwd", {})[name] = out
+    print(name, json.dumps(out), flush=True)
+    del q, k, v, do
+    torch.cuda.empty_cache()
+
+
+def sweep(device, results):
+    """Time tile configurations of each kernel (the others at their defaults)."""
+    cands = {
+        64: {"fwd": ["128,64,4,3", "128,128,8,3", "128,64,8,3", "64,64,4,4"],
+             "dq": ["128,64,4,3", "128,64,8,2", "64,64,4,3", "128,32,4,3"],
+             "dkdv": ["64,128,8,2", "32,128,4,3", "64,64,4,3", "128,128,8,2"]},
+        128: {"fwd": ["128,64,8,3", "128,64,8,4", "128,128,8,2", "64,64,4,3"],
+              "dq": ["128,64,8,2", "128,64,8,3", "64,64,4,3", "128,32,8,2"],
+              "dkdv": ["64,128,8,2", "64,128,8,3", "32,128,8,2", "64,64,8,2"]},
+    }
+    gen = torch.Generator(device=device).manual_seed(2)
+    res = {}
+    for name in ("T16k_H24_D64", "T32k_H16_D128"):
+        t, h, d = SHAPES[name]
+        t = 16384
+        q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(4))
+        g = gates(t, h, "near1", device, gen)
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        for kern, opts in cands[d].items():
+            for c in opts:
+                os.environ["FOXKERNELS_CONFIG"] = f"{kern}={c}"
+                try:
+                    if kern == "fwd":
+                        with torch.no_grad():
+                            ms = bench(lambda: foxkernels.forgetting_attention(*xs))
+                    else:
+                        ms = bench(lambda: foxkernels.forgetting_attention(*xs).backward(do))
+                except Exception as e:  # noqa: BLE001
+                    ms = f"failed: {type(e).__name__}: {str(e)[:120]}"
+                res[f"{name}/T{t}/{kern}={c}"] = ms
+                print("sweep", name, t, kern, c, ms, flush=True)
+        os.environ.pop("FOXKERNELS_CONFIG", None)
+        del q, k, v, do, xs
+    results["sweep_ms_(fwd: fwd only; dq/dkdv: fwd+bwd)"] = res
+
+
+def variants(device, results):
+    """Cost of the decay term: DECAY_MODE 0 (fp64 base as vector), 1 (scalar per tile), 2 (no decay:
+    a ceiling, wrong results); FORCE_TABLE: which kernels run a dense call through the ACP-table path."""
+    gen = torch.Generator(device=device).manual_seed(4)
+    res = {}
+    for name in ("T16k_H24_D64", "T32k_H16_D128"):
+        t, h, d = SHAPES[name]
+        q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(4))
+        g = gates(t, h, "near1", device, gen)
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        for mode, table in (("0", "fwd"), ("1", "none"), ("1", "fwd"), ("1", "fwd,dq"), ("2", "fwd")):
+            os.environ["FOXKERNELS_DECAY_MODE"] = mode
+            os.environ["FOXKERNELS_FORCE_TABLE"] = table
+            with torch.no_grad():
+                f = bench(lambda: foxkernels.forgetting_attention(*xs))
+            fbw = bench(lambda: foxkernels.forgetting_attention(*xs).backward(do))
+            res[f"{name}/mode{mode}/table={table}"] = [f, fbw]
+            print("variant", name, mode, table, f, fbw, flush=True)
+        os.environ.pop("FOXKERNELS_DECAY_MODE")
+        os.environ.pop("FOXKERNELS_FORCE_TABLE")
+        del q, k, v, do, xs
+    results["decay_mode_variants_ms_fwd_fwdbwd"] = res
+
+
+def profile(device, results):
+    """CUDA kernel time breakdown of one forward+backward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    gen = torch.Generator(device=device).manual_seed(3)
+    out = {}
+    for name in ("T16k_H24_D64", "T32k_H16_D128"):
+        t, h, d = SHAPES[name]
+        q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(4))
+        g = gates(t, h, "near1", device, gen)
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        for _ in range(2):
+            foxkernels.forgetting_attention(*xs).backward(do)
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(3):
+                foxkernels.forgetting_attention(*xs).backward(do)
+            torch.cuda.synchronize()
+        table = p.key_averages().table(sort_by="device_time_total", row_limit=14)
+        print(name, "\n", table, flush=True)
+        out[name] = {e.key: getattr(e, "device_time_total", 0) / 3e3 for e in p.key_averages() if getattr(e, "device_time_total", 0) > 0}
+        del q, k, v, do, xs
+    results["profile_ms_per_fwdbwd"] = out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = ap.parse_args()
+    device = "cuda"
+    props = torch.cuda.get_device_properties(0)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    results = dict(command=" ".join(sys.argv), device=props.name, sm_count=props.multi_processor_count,
+                   torch=torch.__version__, triton=triton.__version__, date=now.isoformat(timespec="seconds"),
+                   acp_eps=EPS, acp_bound="max-norm U = max|q| max|k| scale (per head), N = T",
+                   official_fox_acp_mixed_fwdbwd_ms=OFFICIAL_ACP_MIXED,
+                   git_commit=os.environ.get("FOXDIST_COMMIT", "?"))
+    try:
+        from fla.ops.forgetting_attn import parallel_forgetting_attn as fla
+        import fla as fla_mod
+        results["fla_version"] = getattr(fla_mod, "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        fla = None
+        results["fla_version"] = f"import failed: {type(e).__name__}: {e}"
+    t0 = time.time()
+    gpu = "h100" if "H100" in props.name else ("h200" if "H200" in props.name else "gpu")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"attention-{gpu}-{now.date().isoformat()}.json")
+
+    def save():
+        results["wall_s"] = time.time() - t0
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.profile:
+        profile(device, results)
+        save()
+    if args.variants:
+        variants(device, results)
+        save()
+    if not args.skip_check:
+        check(device, results)
+        save()
+    for name in args.shapes:
+        t, h, d = SHAPES[name]
+        time_shape(name, t, h, d, device, results, fla)
+        save()
+    if args.sweep:
+        sweep(device, results)
+        save()
+    # table
+    print(f"\n{props.name}  torch {torch.__version__}  triton {triton.__version__}   fwd / fwd+bwd median ms")
+    cols = ["sdpa_flash", "sdpa_default", "fla_parallel_forgetting_attn", "ours_dense", "ours_dense_near1",
+            "ours_acp_near1", "ours_acp_mixed"]
+    print("shape".ljust(14) + "".join(c[:16].rjust(17) for c in cols) +
+          "  dense/flash dense/default near1-ovh mixed/official pruned")
+    for name, r in results.get("timings_ms_fwd_fwdbwd", {}).items():
+        cells = []
+        for c in cols:
+            x = r.get(c)
+            cells.append((f"{x[0]:.2f}/{x[1]:.2f}" if isinstance(x, list) else str(x)[:15]).rjust(17))
+        print(name.ljust(14) + "".join(cells) + f"  {r['ratio_dense_vs_sdpa_flash'][1]:.3f}"
+              f"       {r['ratio_dense_vs_sdpa_default_cudnn'][1]:.3f}"
+              f"      {r['acp_near1_overhead'][1]:+.3f}     {r['ratio_acp_mixed_vs_official_acp']:.3f}"
+              f"   {r['pruned_fraction_mixed']:.2f}")
+    for row in results.get("correctness_bf16_vs_fp32_reference", []):
+        print("check", {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
