@@ -104,6 +104,54 @@ def _initial(cfg):
     return [p.detach().double() for p in FoxLM(cfg.model).parameters()]
 
 
+def _resume(rank, world, *, stage: int, backend: str, ckpt_dir: str):
+    """Save after 2 steps, take step 3; a fresh engine loading the checkpoint takes the same step 3."""
+    import torch.nn.functional as F
+
+    from foxdist.model.fox import FoxLM
+    from foxdist.parallel.dims import ParallelDims
+    from foxdist.parallel.zero import build_engine
+
+    cfg = _cfg(stage)
+    derived = derive(cfg, world)
+    dims = ParallelDims.from_config(cfg, world).init_groups()
+
+    def batch(step):
+        gen = torch.Generator().manual_seed(100 + step)
+        toks = torch.randint(0, cfg.model.vocab_size, (dims.dp, 2, cfg.data.seq_len), generator=gen)
+        return toks[dims.dp_rank], toks.roll(-1, dims=-1)[dims.dp_rank]
+
+    def run_step(engine, step):
+        toks, tgts = batch(step)
+        engine.set_lr(cfg.optim.lr / (step + 1))
+        engine.backward(F.cross_entropy(engine(toks).flatten(0, 1), tgts.flatten()))
+        engine.step()
+
+    def params(engine):
+        if engine.kind == "deepspeed" and stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                return [p.detach().clone() for p in engine.module.parameters()]
+        return [p.detach().clone() for p in engine.module.parameters()]
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        return build_engine(FoxLM(cfg.model).double(), cfg, dims, derived, backend=backend)
+
+    a = fresh(cfg.train.seed)
+    for step in range(2):
+        run_step(a, step)
+    a.save_checkpoint(ckpt_dir, f"{backend}{stage}")
+    run_step(a, 2)
+    b = fresh(cfg.train.seed + 1)  # different initial weights: everything must come from the checkpoint
+    b.load_checkpoint(ckpt_dir, f"{backend}{stage}")
+    run_step(b, 2)
+    diff = max((x - y).abs().max().item() for x, y in zip(params(a), params(b)))
+    dims.destroy_groups()
+    return {"diff": diff}
+
+
 SUITE = DistSuite(world_size=2, timeout_s=600, checks=[
     Check("zero1", _train, dict(stage=1, backend="deepspeed", run_dir="RUN_DIR")),
     Check("zero2", _train, dict(stage=2, backend="deepspeed")),
@@ -111,6 +159,9 @@ SUITE = DistSuite(world_size=2, timeout_s=600, checks=[
     Check("plain", _train, dict(stage=0, backend="plain")),
     Check("plain_fp32", _train, dict(stage=0, backend="plain", dtype="float32")),
     Check("zero2_fp32", _train, dict(stage=2, backend="deepspeed", dtype="float32")),
+    Check("resume_zero2", _resume, dict(stage=2, backend="deepspeed", ckpt_dir="CKPT_DIR")),
+    Check("resume_zero3", _resume, dict(stage=3, backend="deepspeed", ckpt_dir="CKPT_DIR")),
+    Check("resume_plain", _resume, dict(stage=0, backend="plain", ckpt_dir="CKPT_DIR")),
 ])
 
 
@@ -119,9 +170,12 @@ def dp2(tmp_path_factory):
     global _RUN_DIR
     pytest.importorskip("deepspeed")
     _RUN_DIR = tmp_path_factory.mktemp("zero1_run")
+    ckpt = tmp_path_factory.mktemp("ckpt")
     for c in SUITE.checks:
         if c.kwargs.get("run_dir") == "RUN_DIR":
             c.kwargs["run_dir"] = str(_RUN_DIR)
+        if c.kwargs.get("ckpt_dir") == "CKPT_DIR":
+            c.kwargs["ckpt_dir"] = str(ckpt)
     return SUITE.run()
 
 
@@ -150,6 +204,11 @@ def test_zero_fp32_matches_plain_fp32(dp2):
     assert z["dtype"] == p["dtype"] == "torch.float32"
     assert z["param_err"] <= 2 * p["param_err"] + 1e-6, (z, p)
     assert z["loss_err"] < 1e-6 and z["norm_err"] < 1e-5, z
+
+
+@pytest.mark.parametrize("name", ["resume_zero2", "resume_zero3", "resume_plain"])
+def test_checkpoint_resume_is_exact(dp2, name):
+    assert dp2.get(name)["diff"] == 0.0
 
 
 def test_deepspeed_config_saved_in_run_dir(dp2):

@@ -15,6 +15,8 @@ Both engines offer the same small interface used by the trainer::
     engine.step()                        # at the accumulation boundary: clip, AdamW, zero grads
     engine.set_lr(lr)                    # per step, from foxdist.optim.lr_at
     engine.grad_norm                     # norm before clipping of the last step (float or None)
+    engine.save_checkpoint(dir, tag)     # collective; DeepSpeed's format or one file per rank
+    engine.load_checkpoint(dir, tag)
 
 With ``cp > 1`` the loss each rank passes to ``backward`` must be its share of the replica's mean
 (token sum on this rank / token count of the whole sequence), because gradients are *averaged* over
@@ -200,6 +202,16 @@ class DeepSpeedEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
+    def save_checkpoint(self, save_dir, tag: str) -> None:
+        """DeepSpeed's own (collective) checkpoint: module and ZeRO-partitioned optimizer state of every rank."""
+        self.engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
+
+    def load_checkpoint(self, load_dir, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {load_dir}")
+
     def train(self, mode: bool = True):
         self.engine.train(mode)
         return self
@@ -272,6 +284,24 @@ class PlainEngine:
     def set_lr(self, lr: float):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+
+    def state_dict(self) -> dict:
+        """This rank's model (tp shard) and optimizer state, for the per-rank checkpoint files."""
+        return {"model": self.module.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+
+    def save_checkpoint(self, save_dir, tag: str) -> None:
+        """Same call as the DeepSpeed engine: one file per rank under ``save_dir/tag``."""
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path / f"rank{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
+
+    def load_checkpoint(self, load_dir, tag: str) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.load_state_dict(torch.load(Path(load_dir) / tag / f"rank{rank:05d}.pt", weights_only=True))
 
     def train(self, mode: bool = True):
         self.module.train(mode)
