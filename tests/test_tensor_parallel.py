@@ -355,3 +355,15 @@ def test_shard_unshard_roundtrip():
         assert torch.equal(unshard(parts, split), full)
     gu = shard_full(torch.arange(8.0)[:, None], GATE_UP, 1, 2).flatten().tolist()
     assert gu == [2.0, 3.0, 6.0, 7.0]  # rank 1 holds the second quarter of gate rows and of up rows
+
+
+def test_compat_is_a_no_op_with_a_gpu(monkeypatch):
+    from megatron.core.tensor_parallel import mappings
+
+    from foxdist.parallel import megatron_compat
+
+    monkeypatch.setattr(megatron_compat, "_APPLIED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = mappings.torch
+    assert megatron_compat.apply_cpu_compat() is False
+    assert mappings.torch is before and not megatron_compat.is_applied()
