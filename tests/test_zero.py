@@ -35,7 +35,8 @@ def _cfg(stage: int) -> Config:
     return cfg
 
 
-def _train(rank, world, *, stage: int, backend: str, dtype: str = "float64", run_dir: str | None = None):
+def _train(rank, world, *, stage: int, backend: str, dtype: str = "float64", run_dir: str | None = None,
+           accum: int = 1):
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -45,7 +46,9 @@ def _train(rank, world, *, stage: int, backend: str, dtype: str = "float64", run
     from foxdist.parallel.zero import build_engine
 
     cfg = _cfg(stage)
+    cfg.train.global_batch_size *= accum
     derived = derive(cfg, world)
+    assert derived.grad_accum == accum
     dims = ParallelDims.from_config(cfg, world).init_groups()
     torch.manual_seed(cfg.train.seed)
     model = FoxLM(cfg.model).to(getattr(torch, dtype))
@@ -58,17 +61,21 @@ def _train(rank, world, *, stage: int, backend: str, dtype: str = "float64", run
     v, b, t = cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len
     loss_err = norm_err = 0.0
     for step in range(STEPS):
-        toks = torch.randint(0, v, (dims.dp, b, t), generator=gen)
-        tgts = torch.randint(0, v, (dims.dp, b, t), generator=gen)
+        # [micro-batch, dp rank, b, t]; the reference sees all of them at once
+        toks = torch.randint(0, v, (accum, dims.dp, b, t), generator=gen)
+        tgts = torch.randint(0, v, (accum, dims.dp, b, t), generator=gen)
         lr = cfg.optim.lr * (step + 1) / STEPS
         engine.set_lr(lr)
-        logits = engine(toks[dims.dp_rank])
-        loss = F.cross_entropy(logits.double().flatten(0, 1), tgts[dims.dp_rank].flatten())
-        engine.backward(loss)
-        engine.step()
-        mean_loss = loss.detach().clone()
+        mean_loss = torch.zeros((), dtype=torch.float64)
+        for micro in range(accum):
+            logits = engine(toks[micro, dims.dp_rank])
+            loss = F.cross_entropy(logits.double().flatten(0, 1), tgts[micro, dims.dp_rank].flatten())
+            engine.backward(loss)
+            assert engine.step() == (micro == accum - 1)
+            mean_loss += loss.detach() / accum
         dist.all_reduce(mean_loss)
         mean_loss /= dims.dp
+        toks, tgts = toks.flatten(0, 1), tgts.flatten(0, 1)
 
         for g in opt.param_groups:
             g["lr"] = lr
@@ -159,6 +166,8 @@ SUITE = DistSuite(world_size=2, timeout_s=600, checks=[
     Check("plain", _train, dict(stage=0, backend="plain")),
     Check("plain_fp32", _train, dict(stage=0, backend="plain", dtype="float32")),
     Check("zero2_fp32", _train, dict(stage=2, backend="deepspeed", dtype="float32")),
+    Check("accum2_zero2", _train, dict(stage=2, backend="deepspeed", accum=2)),
+    Check("accum2_plain", _train, dict(stage=0, backend="plain", accum=2)),
     Check("resume_zero2", _resume, dict(stage=2, backend="deepspeed", ckpt_dir="CKPT_DIR")),
     Check("resume_zero3", _resume, dict(stage=3, backend="deepspeed", ckpt_dir="CKPT_DIR")),
     Check("resume_plain", _resume, dict(stage=0, backend="plain", ckpt_dir="CKPT_DIR")),
@@ -187,14 +196,15 @@ TOL = {"plain": dict(param_err=1e-10, loss_err=1e-12, norm_err=1e-10),
        "zero": dict(param_err=1e-5, loss_err=1e-8, norm_err=1e-6)}
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "plain"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "plain", "accum2_zero2", "accum2_plain"])
 def test_matches_single_process_adamw(dp2, name):
     m = dp2.get(name)
     print(f"{name} ({dp2.seconds(name):.1f} s): {m}")
-    assert m["kind"] == ("plain" if name == "plain" else "deepspeed") and m["dtype"] == "torch.float64"
+    plain = name.endswith("plain")
+    assert m["kind"] == ("plain" if plain else "deepspeed") and m["dtype"] == "torch.float64"
     assert m["first_norm"] > 0.5  # clipping was active
     assert m["moved"] > 1e-3  # the optimizer did move the parameters
-    for key, tol in TOL["plain" if name == "plain" else "zero"].items():
+    for key, tol in TOL["plain" if plain else "zero"].items():
         assert m[key] < tol, (key, m)
 
 

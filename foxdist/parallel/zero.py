@@ -11,8 +11,9 @@ Both engines offer the same small interface used by the trainer::
 
     engine = build_engine(model, cfg, dims, derived, run_dir=run_dir)
     loss = engine(tokens, targets)       # forward (the engine is callable like the model)
-    engine.backward(loss)                # scaled for accumulation, reduced over dp x cp
-    engine.step()                        # at the accumulation boundary: clip, AdamW, zero grads
+    engine.backward(loss)                # scaled by 1/grad_accum, reduced over dp x cp at the boundary
+    engine.step()                        # after EVERY micro-batch; at the accumulation boundary it
+                                         # clips, runs AdamW, zeroes grads and returns True
     engine.set_lr(lr)                    # per step, from foxdist.optim.lr_at
     engine.grad_norm                     # norm before clipping of the last step (float or None)
     engine.save_checkpoint(dir, tag)     # collective; DeepSpeed's format or one file per rank
@@ -193,10 +194,14 @@ class DeepSpeedEngine:
     def backward(self, loss):
         self.engine.backward(loss)
 
-    def step(self):
+    def step(self) -> bool:
+        """Call after every micro-batch; returns True when this was the accumulation boundary (an update)."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        self.grad_norm = None if norm is None else float(norm)
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = None if norm is None else float(norm)
+        return boundary
 
     def set_lr(self, lr: float):
         for g in self.optimizer.param_groups:
@@ -269,9 +274,12 @@ class PlainEngine:
                 g.copy_(flat[off:off + g.numel()].view_as(g))
                 off += g.numel()
 
-    def step(self):
+    def step(self) -> bool:
+        """Call after every micro-batch; updates (and returns True) every ``grad_accum`` calls."""
         from .tensor import clip_grad_norm_, grad_norm
 
+        if self._micro < self.accum:
+            return False
         self._reduce_grads()
         if self.cfg.train.grad_clip:
             self.grad_norm = float(clip_grad_norm_(self.module, self.cfg.train.grad_clip, self.dims))
@@ -280,6 +288,7 @@ class PlainEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._micro = 0
+        return True
 
     def set_lr(self, lr: float):
         for g in self.optimizer.param_groups:
