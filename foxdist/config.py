@@ -320,6 +320,9 @@ def derive(cfg: Config, world_size: int = 1) -> Derived:
     if dims.mlp_hidden % p.tp:
         raise ValueError(f"MLP hidden size {dims.mlp_hidden} (= ceil({m.mlp_ratio} * {m.d_model} * 2/3 / {m.mlp_multiple}) * "
                          f"{m.mlp_multiple}) is not divisible by tp={p.tp}")
+    if d.document_masking and p.cp > 1 and t.micro_batch_size != 1:
+        raise ValueError(f"document masking with context parallelism packs one sequence per step: set "
+                         f"train.micro_batch_size=1 (got {t.micro_batch_size})")
     if m.arch == "transformer" and p.cp > 1:
         raise ValueError("the Transformer baseline (model.arch=transformer) runs without context parallelism; set parallel.cp=1")
     if t.max_steps < 1:

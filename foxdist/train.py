@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, apply_overrides, derive, load_recipe, write_config
 from .metrics import MetricsLogger, peak_flops, truncate_jsonl
-from .model import FoxLM, document_cu_seqlens
+from .model import FoxLM, LocalSequence, document_cu_seqlens
 from .optim import build_optimizer, lr_at
 from .runtime import Runtime, init_runtime, launch_env
 
@@ -81,9 +81,15 @@ class Trainer:
         self.cfg, self.run_dir, self.rt = cfg, run_dir, rt
         self.derived = derive(cfg, rt.world_size)
         d = self.derived
-        if d.tp > 1 or d.cp > 1:
-            raise ValueError(f"tp={d.tp}, cp={d.cp}: tensor and context parallelism are not wired into the trainer "
-                             f"yet (issues 4 and 5); this trainer runs data parallel only (tp=cp=1)")
+        from .parallel.dims import ParallelDims
+
+        self.dims = ParallelDims.from_config(cfg, rt.world_size)
+        if rt.distributed:
+            self.dims.init_groups()
+        _tp_rank, _cp_rank, dp_rank = self.dims.coords(rt.rank)
+        if cfg.parallel.zero_stage:
+            raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed ZeRO is not wired into the "
+                             f"trainer yet; use parallel.zero_stage=0 (gradients averaged over dp x cp)")
         torch.manual_seed(cfg.train.seed)
         source = cfg.data.source
         shard_dir = stdlib_corpus(verbose=rt.is_main) if source == "stdlib" else source
@@ -96,15 +102,30 @@ class Trainer:
             raise ValueError(f"the data's tokenizer has {self.train_ds.vocab_size} tokens but model.vocab_size="
                              f"{cfg.model.vocab_size}; set --set model.vocab_size={self.train_ds.vocab_size}")
         self.eos_id = self.train_ds.eos_id
-        dp_rank = rt.rank  # tp = cp = 1: every rank is its own data-parallel rank
+        # keyed by the data-parallel rank only: tensor/context-parallel peers read the same batch
         self.loader = WindowLoader(self.train_ds, cfg.train.micro_batch_size, cfg.data.seq_len, seed=cfg.train.seed,
                                    dp_rank=dp_rank, dp_size=d.dp)
-        self.model = FoxLM(cfg.model, acp_eps=cfg.kernels.acp_eps, attention_impl=cfg.kernels.attention_impl)
-        self.model.to(rt.device)
+        kw = dict(acp_eps=cfg.kernels.acp_eps, attention_impl=cfg.kernels.attention_impl)
+        if d.tp > 1:
+            from .parallel.tensor import build_tp_model
+
+            self.model = build_tp_model(cfg.model, self.dims, seed=cfg.train.seed, device=rt.device, **kw)
+        else:
+            self.model = FoxLM(cfg.model, **kw).to(rt.device)
+        self.cp = None
+        self.seq = LocalSequence()
+        if d.cp > 1:
+            from .parallel.context import CPContext
+
+            p = cfg.parallel
+            self.cp = CPContext(self.dims.cp_group, layout=p.cp_layout, mode=p.cp_mode, ulysses_degree=p.ulysses_degree)
+            self.seq = self.cp.sequence()
         self.ddp = None
-        if rt.distributed:
+        if d.dp * d.cp > 1:
+            # context-parallel ranks hold replicas too: gradients average over dp x cp
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+                self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                process_group=self.dims.dp_cp_group)
         self.opt = build_optimizer(self.model, cfg.optim)
         dtype = cfg.train.dtype
         self.amp_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and rt.device.type == "cuda") else None
@@ -177,11 +198,21 @@ class Trainer:
         return torch.autocast(self.rt.device.type, dtype=self.amp_dtype)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a micro-batch over the whole (context-parallel) sequence; same on all cp ranks.
+
+        Under context parallelism each rank runs its shard; the returned value's backward gives every
+        rank the gradient of its own tokens divided by the replica's token count.
+        """
         batch = batch.to(self.rt.device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
         cu = document_cu_seqlens(x, self.eos_id) if self.cfg.data.document_masking else None
+        model = self.ddp or self.model
         with self._autocast():
-            return (self.ddp or self.model)(x, y, cu_seqlens=cu)
+            if self.cp is None:
+                return model(x, y, seq=self.seq, cu_seqlens=cu)
+            total, count = model(self.cp.shard(x, 1), self.cp.shard(y, 1), seq=self.seq, cu_seqlens=cu,
+                                 reduction="sum")
+        return self.cp.reduce_loss(total, count)
 
     def train_step(self) -> dict:
         accum = self.derived.grad_accum
@@ -194,12 +225,18 @@ class Trainer:
             sync = self.ddp is None or i == accum - 1
             with nullcontext() if sync else self.ddp.no_sync():
                 loss = self._loss(next(self.loader))
-                (loss / accum).backward()
+                # DDP averages over dp x cp; the cp ranks' gradients are parts of one replica's sum
+                (loss * (self.derived.cp / accum)).backward()
             total += loss.detach() / accum
-        if self.rt.distributed:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        if self.derived.dp > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG, group=self.dims.dp_group)
         clip = self.cfg.train.grad_clip
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if self.derived.tp > 1:  # tensor-parallel slices summed over tp, replicated parameters counted once
+            from .parallel.tensor import clip_grad_norm_, grad_norm
+
+            gnorm = clip_grad_norm_(self.model, clip, self.dims) if clip > 0 else grad_norm(self.model, self.dims)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         loss_v, gnorm_v = total.item(), gnorm.item()
         finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
         if finite:
@@ -222,12 +259,12 @@ class Trainer:
 
         self.model.eval()
         val = WindowLoader(self.val_ds, self.cfg.train.micro_batch_size, self.cfg.data.seq_len, seed=0,
-                           dp_rank=self.rt.rank, dp_size=self.derived.dp)
+                           dp_rank=self.dims.coords(self.rt.rank)[2], dp_size=self.derived.dp)
         losses = [self._loss(next(val)).float() for _ in range(self.cfg.data.num_val_batches)]
         self.model.train()
         v = torch.stack(losses).mean()
-        if self.rt.distributed:
-            dist.all_reduce(v, op=dist.ReduceOp.AVG)
+        if self.derived.dp > 1:
+            dist.all_reduce(v, op=dist.ReduceOp.AVG, group=self.dims.dp_group)
         return {"val_loss": v.item()}
 
     def fit(self) -> dict:

@@ -166,7 +166,7 @@ class FoxLM(nn.Module):
     """Decoder-only language model: FoX (``arch="fox"``) or the RoPE Transformer (``"transformer"``).
 
     ``forward(tokens [B, T]) -> logits [B, T, V_padded]``; with ``targets [B, T]`` it returns the mean
-    cross entropy (fp32) over targets that are not ``-100``.
+    (``reduction="sum"``: ``(sum, count)``) of the cross entropy (fp32) over targets that are not ``-100``.
     """
 
     def __init__(self, cfg: ModelConfig, acp_eps: float | None = None, attention_impl: str = "auto"):
@@ -204,11 +204,15 @@ class FoxLM(nn.Module):
                 x = blk(x, seq, cu_seqlens, stats)
         return self.norm_f(x)
 
-    def forward(self, tokens, targets=None, *, seq=_LOCAL, cu_seqlens=None):
+    def forward(self, tokens, targets=None, *, seq=_LOCAL, cu_seqlens=None, reduction: str = "mean"):
         logits = self.lm_head(self.hidden_states(tokens, seq, cu_seqlens))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.to(acc_dtype(logits)).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        loss = F.cross_entropy(logits.to(acc_dtype(logits)).flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction=reduction)
+        return (loss, (targets != -100).sum()) if reduction == "sum" else loss
 
     def num_params(self, embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
