@@ -66,7 +66,8 @@ def _check_all(got, ref, tol, tol_lse=None):
     (77, 2, 2, 16, 32, torch.float32),     # odd T, shorter than two tiles
     (203, 4, 2, 32, 32, torch.float32),    # GQA, many tiles, partial last tile
     (203, 2, 1, 32, 64, torch.float16),    # fp16, GQA 2:1
-    (300, 2, 2, 64, 128, torch.float32),   # D = 64, default tile (128x64 fwd blocks)
+    (300, 2, 2, 64, 128, torch.float32),   # D = 64, default tile and blocks
+    (130, 1, 1, 128, 128, torch.float16),  # D = 128: its blocks, dense forward through the table path
 ])
 def test_dense_matches_naive(t, h, hkv, d, tile, dtype):
     q, k, v, g, do = _inputs(1, t, h, hkv, d, dtype)

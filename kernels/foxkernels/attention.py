@@ -38,8 +38,10 @@ medians; "H100"/"H200" = the lent machine of that run; full tables in ``bench/re
   pruned or wholly kept and no per-element ACP mask exists. The dkdv kernel needs, per key unit, the
   first query unit that prunes it; the table is non-decreasing along query units, so that is a sorted
   search (``torch.searchsorted``, once per call) and the dkdv loop simply ends there. All three passes
-  therefore skip exactly the same (query unit, key unit) pairs. An earlier version searched inside the
-  dkdv kernel (a while loop per key tile and head) and cost +3 to +5% fwd+bwd on near-1 gates.
+  therefore skip exactly the same (query unit, key unit) pairs. Cost when nothing is prunable (near-1
+  gates, H100, final run): fwd+bwd +4% / +4% / +5% at T16k D64 / T32k D128 / T64k D128, all of it in
+  the backward (the forward is within noise); searching the table inside the dkdv kernel instead (an
+  earlier revision) cost the same, so the cause is not the search; not yet understood.
 * **Dense forward through the table path at D=128.** With the key loop starting at a loaded bound
   (a table of zeros when ACP is off) the D128 forward ran 11.3 ms against 13.7 ms with a constant
   start (T32k, H200); at D64 it was 3.56 against 3.41 ms, so D64 keeps the constant start.
@@ -67,6 +69,14 @@ medians; "H100"/"H200" = the lent machine of that run; full tables in ``bench/re
   a finite ``-1e30`` so that no ``inf - inf`` arises; they return ``o = 0`` and ``lse = -inf``.
 
 Block sizes and warps per head dim are in :func:`_config` (a sweep on the H100, T=16k).
+
+Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23.json``):
+T16k H24 D64 / T32k H16 D128 / T64k H16 D128: ours dense 12.5 / 50.3 / 195; SDPA flash backend
+10.2 / 50.4 / 188 (ratio 1.23 / 1.00 / 1.04); SDPA's default choice (cuDNN) 7.4 / 28.3 / 110
+(ratio 1.7-1.8); FLA 21.0 / 73.1 / 288; ours with ACP on mixed gates 6.7 / 19.0 / 53.3 against the
+official kernel's 7.3 / 18.1 / 54.2. The gap to cuDNN is the kernel's matmul efficiency (~250 TFLOP/s
+here; no TMA or warp specialisation), not the decay: without any decay term the same kernel is only
+8-15% faster.
 """
 
 from __future__ import annotations
