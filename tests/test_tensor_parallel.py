@@ -68,6 +68,7 @@ def _compare(rank, world, *, tp, sp=False, model=None, acp_eps=None, docs=False)
     full = gather_full(tpm)
     m["init"] = max(_rel(full[n], p) for n, p in ref.named_parameters())
     m["num_params"] = abs(tpm.num_params() - ref.num_params())
+    m["flops"] = abs(tpm.flops_per_token(T) - ref.flops_per_token(T))
 
     # logits of this replica's batch
     local = tpm(toks[dpr])
@@ -286,7 +287,7 @@ def test_megatron_cpu_compat(world4):
 @pytest.mark.parametrize("name", ["tp4", "tp4_sp_actckpt", "tp2_dp2", "tp2_dp2_sp_acp", "tp2_dp2_sp_transformer_tied"])
 def test_tp_matches_single_device_fp64(world4, name):
     m = world4.get(name)
-    assert m["init"] == 0.0 and m["num_params"] == 0
+    assert m["init"] == 0.0 and m["num_params"] == 0 and m["flops"] == 0
     for key in ("logits", "grads_replica", "grads_dp", "logits_docs", "grad_norm"):
         if key in m:
             assert m[key] < EXACT, (key, m)
