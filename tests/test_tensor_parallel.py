@@ -182,6 +182,28 @@ def _check_bf16_autocast(rank, world, *, tp=2, sp=True):
     return out
 
 
+def _check_groups(rank, world):
+    """megatron-core's groups follow our layout; the plain-torch fallback builds the same groups."""
+    import torch.distributed as dist
+
+    out = {}
+    for tp, cp in ((2, 2), (2, 1), (1, 2), (4, 1)):
+        dims = ParallelDims(world, tp=tp, cp=cp).init_groups()
+        mega = {k: dist.get_process_group_ranks(getattr(dims, f"{k}_group")) for k in ("tp", "cp", "dp", "dp_cp")}
+        dims.destroy_groups()
+        plain = ParallelDims(world, tp=tp, cp=cp)._init_torch_groups()
+        mine = {k: dist.get_process_group_ranks(getattr(plain, f"{k}_group")) for k in ("tp", "cp", "dp", "dp_cp")}
+        coords = [plain.coords(r) for r in range(world)]
+        me = coords[rank]
+        expect = {"tp": [r for r, c in enumerate(coords) if c[1:] == me[1:]],
+                  "cp": [r for r, c in enumerate(coords) if (c[0], c[2]) == (me[0], me[2])],
+                  "dp": [r for r, c in enumerate(coords) if c[:2] == me[:2]],
+                  "dp_cp": [r for r, c in enumerate(coords) if c[0] == me[0]]}
+        out[f"tp{tp}cp{cp}"] = (mega == expect) and (mine == expect) and (plain.tp_rank, plain.cp_rank, plain.dp_rank) == me
+        plain.destroy_groups()
+    return out
+
+
 def _check_compat(rank, world):
     """The megatron-core CPU layer: RNG tracker and the sequence-parallel mappings on gloo."""
     from megatron.core import tensor_parallel as mtp
@@ -236,6 +258,7 @@ def _check_compat(rank, world):
 
 SUITE = DistSuite(world_size=4, timeout_s=600, checks=[
     Check("compat", _check_compat),
+    Check("groups", _check_groups),
     Check("tp4", _compare, dict(tp=4, docs=True)),
     Check("tp4_sp_actckpt", _compare, dict(tp=4, sp=True, model=dict(activation_checkpointing=True))),
     Check("tp2_dp2", _compare, dict(tp=2, docs=True)),
@@ -276,6 +299,11 @@ def test_bf16_autocast(world4):
     # the single-device matmul accumulates in fp32; small, cancelling gradients (forget-gate bias)
     # differ by ~5-10% in norm, a wrong slice or reduction would be O(1)
     assert m["loss"] < 1e-3 and m["grads"] < 0.25, m
+
+
+def test_process_groups_follow_the_layout(world4):
+    for r, out in enumerate(world4.all_ranks("groups")):
+        assert all(out.values()), (r, out)
 
 
 def test_megatron_cpu_compat(world4):

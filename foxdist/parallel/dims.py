@@ -145,7 +145,6 @@ class ParallelDims:
     def _init_torch_groups(self) -> "ParallelDims":
         """Same layout with plain ``torch.distributed.new_group`` (used when megatron-core is absent)."""
         rank, groups = dist.get_rank(), {}
-        tp, cp, dp = self.tp, self.cp, self.dp
         coords = [self.coords(r) for r in range(self.world_size)]
         # every rank creates every group, in the same order
         for name, key in (("tp", lambda c: (c[1], c[2])), ("cp", lambda c: (c[0], c[2])),
@@ -157,7 +156,6 @@ class ParallelDims:
                 g = dist.new_group(ranks)
                 if rank in ranks:
                     groups[name] = g
-        del tp, cp, dp
         self._groups = groups
         self._torch_groups = True
         return self
