@@ -1,9 +1,10 @@
-"""The ``foxdist`` command: ``foxdist train ...`` and ``foxdist prepare ...``.
+"""The ``foxdist`` command: ``foxdist train``, ``foxdist prepare`` and ``foxdist eval``.
 
 Examples::
 
     foxdist train --recipe recipes/debug.py:cpu
     foxdist prepare "data/raw/**/*.txt" --out data/shards --tokenizer tokenizer.json
+    foxdist eval --run-dir runs/debug-cpu
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     from .data.prepare import add_prepare_args, run_prepare
 
     add_prepare_args(sub.add_parser("prepare", help="tokenize text files into zstd token shards"))
+    sub.add_parser("eval", help="validation loss and per-position loss curve of a run", add_help=False)
+    if argv and argv[0] == "eval":
+        from .evaluate import main as eval_main
+
+        return eval_main(argv[1:])
     if argv and argv[0] == "train":
         from .train import main as train_main
 

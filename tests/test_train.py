@@ -1,6 +1,7 @@
 """Trainer and CLI end to end on the stdlib corpus: run dir contents, loss falls, exact resume, errors."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,24 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     rows = _metrics(d)
     assert rows[-1]["skipped_steps"] == 2
     assert latest_checkpoint(d) is not None
+
+
+def test_eval_writes_position_curve(tmp_path):
+    d = tmp_path / "ev"
+    run(_cfg(d, "train.max_steps=3"), d)
+    out = subprocess.run([sys.executable, "-m", "foxdist", "eval", "--run-dir", str(d), "--batches", "2",
+                          "--batch-size", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((d / "eval" / "position_loss.json").read_text())
+    assert res["step"] == 3 and res["seq_len"] == 128 and res["windows"] == 4
+    assert res["buckets"][0]["start"] == 0 and res["buckets"][-1]["end"] == 128
+    assert all(math.isfinite(b["loss"]) and b["loss"] > 0 for b in res["buckets"])
+    assert (d / "eval" / "position_loss.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(d / "tb" / "eval"))
+    acc.Reload()
+    assert len(acc.Scalars("eval/position_loss")) == len(res["buckets"])
+    bad = subprocess.run([sys.executable, "-m", "foxdist", "eval", "--run-dir", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no config.json" in bad.stderr
