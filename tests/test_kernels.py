@@ -230,3 +230,15 @@ def test_no_nan_for_rows_without_keys():
                                            causal=False, acp_delta=-30.0, tile=32)
     for x in grads:
         assert torch.isfinite(x).all() and (x == 0).all()
+
+
+def test_offsets_guard():
+    """32-bit in-document offsets: a document too long for them is refused, not silently wrapped."""
+    from foxkernels.attention import _check_offsets
+
+    class _P:
+        max_q, max_k = 2 ** 21, 2 ** 21
+    with pytest.raises(ValueError, match="32-bit"):
+        _check_offsets(_P(), torch.empty(4, 2048))
+    _P.max_q = _P.max_k = 2 ** 19
+    _check_offsets(_P(), torch.empty(4, 2048))

@@ -70,6 +70,14 @@ medians; "H100"/"H200" = the lent machine of that run; full tables in ``bench/re
 
 Block sizes and warps per head dim are in :func:`_config` (a sweep on the H100, T=16k).
 
+* **Registers.** All three kernels sit at 255 registers and spill (ptxas -v on sm_90a, compiled here
+  with Triton 3.8). Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
+  64-bit offsets per element, cut the spill stores from 1952 to 1184 bytes (dkdv, D64; 2712 to 1200 with
+  ACP), 932 to 336 (dq, D128), 260 to 48 (dq, D64), 308 to 224 (fwd, D128, table path; the constant-start
+  path spills 424, in line with it being slower). This change came after the last GPU run and is
+  checked for correctness only (CPU tests); documents longer than ``2**31 / (H * D)`` tokens are
+  refused by :func:`_check_offsets`.
+
 Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23.json``):
 T16k H24 D64 / T32k H16 D128 / T64k H16 D128: ours dense 12.5 / 50.3 / 195; SDPA flash backend
 10.2 / 50.4 / 188 (ratio 1.23 / 1.00 / 1.04); SDPA's default choice (cuDNN) 7.4 / 28.3 / 110
@@ -140,7 +148,7 @@ def _acp_bound_kernel(CQ, CK, BQ, BK, DELTA, BOUND, CU_Q, CU_K,
 @triton.jit
 def _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
               MASKED: tl.constexpr, DMODE: tl.constexpr):
-    """``LOG2E * (ck_j - (base_q - base_k))`` for one key tile.
+    """``LOG2E * (ck_j - (base_q - base_k))`` for one key tile (CK, BK already at document and head).
 
     DMODE 0: fp64 tile base read as a vector (pipelined like K and V); 1: read once per tile as a
     scalar; 2: no decay at all (benchmark ceiling only: wrong results).
@@ -149,17 +157,17 @@ def _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
         colb = tl.zeros(kn.shape, tl.float32)
     else:
         if MASKED:
-            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h, mask=kn < lk, other=0.0)
+            ck = tl.load(CK + kn * s_ck_t, mask=kn < lk, other=0.0)
         else:
-            ck = tl.load(CK + (ks + kn) * s_ck_t + h * s_ck_h)
+            ck = tl.load(CK + kn * s_ck_t)
         if DMODE == 0:
             if MASKED:
-                bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h, mask=kn < lk, other=0.0)
+                bk = tl.load(BK + kn * s_bk_t, mask=kn < lk, other=0.0)
             else:
-                bk = tl.load(BK + (ks + kn) * s_bk_t + h * s_bk_h)
+                bk = tl.load(BK + kn * s_bk_t)
             colb = (ck - (bq - bk).to(tl.float32)) * 1.4426950408889634
         else:
-            dd = (bq - tl.load(BK + (ks + j0) * s_bk_t + h * s_bk_h)).to(tl.float32)
+            dd = (bq - tl.load(BK + j0 * s_bk_t)).to(tl.float32)
             colb = (ck - dd) * 1.4426950408889634
     return colb
 
@@ -236,10 +244,12 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
         m_i = tl.full([BM], -1.0e30, tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V,
+                                  CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full,
                                   sm_scale2, BN, False, CAUSAL, DMODE)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V,
+                                  CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
                                   tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL, DMODE)
         has = l_i > 0.0
@@ -279,13 +289,13 @@ def _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs
         kn = j0 + offs_n
         if MASKED:
             kmask = kn < lk
-            kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None],
+            kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None],
                          mask=kmask[None, :], other=0.0)
-            vT = tl.load(V + (ks + kn)[None, :] * s_v_t + hk * s_v_h + offs_d[:, None],
+            vT = tl.load(V + kn[None, :] * s_v_t + offs_d[:, None],
                          mask=kmask[None, :], other=0.0)
         else:
-            kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
-            vT = tl.load(V + (ks + kn)[None, :] * s_v_t + hk * s_v_h + offs_d[:, None])
+            kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None])
+            vT = tl.load(V + kn[None, :] * s_v_t + offs_d[:, None])
         colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
         qk = tl.dot(q, kT)
         s = qk * sm_scale2 - colb[None, :]
@@ -341,10 +351,12 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
             hi_full = (lk // BN) * BN
             hi = lk
         dq = tl.zeros([BM, D], tl.float32)
-        dq = _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+        dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h,
+                                  CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full, sm_scale2,
                       BN, False, CAUSAL, DMODE)
-        dq = _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+        dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h,
+                                  CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, tl.maximum(hi_full, lo), hi,
                       sm_scale2, BN, True, CAUSAL, DMODE)
         tl.store(DQ + (qs + offs_m)[:, None] * s_dq_t + h * s_dq_h + offs_d[None, :],
@@ -358,14 +370,15 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h
     for i0 in range(lo, hi, BM):
         offs_m = i0 + offs_m0
         rmask = offs_m < lq
-        qT = tl.load(Q + (qs + offs_m)[None, :] * s_q_t + h * s_q_h + offs_d[:, None], mask=rmask[None, :], other=0.0)
-        do = tl.load(DO + (qs + offs_m)[:, None] * s_do_t + h * s_do_h + offs_d[None, :], mask=rmask[:, None],
-                     other=0.0)
-        cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
-        lse2 = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
-        di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
+        # Q, DO, CQ, LSE2, DELTA, BQ point at this document's first row and this head already:
+        # in-document offsets stay 32-bit (fewer registers than 64-bit per-element addresses)
+        qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None], mask=rmask[None, :], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        cq = tl.load(CQ + offs_m * s_cq_t, mask=rmask, other=0.0)
+        lse2 = tl.load(LSE2 + offs_m * s_l_t, mask=rmask, other=float("inf"))
+        di = tl.load(DELTA + offs_m * s_l_t, mask=rmask, other=0.0)
         # the query tile lies inside one TILE of its document, so its fp64 base is one scalar
-        dd = (tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h) - bk).to(tl.float32)
+        dd = (tl.load(BQ + i0 * s_bq_t) - bk).to(tl.float32)
         # decay = (cq_i + dd) - ck_j: the query-side part joins the row statistic ([BM] work)
         lse2r = lse2 - (cq + dd) * 1.4426950408889634
         sT = tl.dot(k, qT)  # [BN, BM]
@@ -419,14 +432,18 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
                 end = tl.minimum(lq, tl.load(ENDS + (z * H + h) * max_kunits + ku) * TILE)
             if CAUSAL:
                 # diagonal: rows n0 .. n0+BN-1 see part of the tile
-                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h,
+                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q + qs * s_q_t + h * s_q_h, DO + qs * s_do_t + h * s_do_h,
+                                    CQ + qs * s_cq_t + h * s_cq_h, BQ + qs * s_bq_t + h * s_bq_h,
+                                    LSE2 + qs * s_l_t + h * s_l_h, DELTA + qs * s_l_t + h * s_l_h, bk, qs, lq, h,
                                         offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
                                         s_bq_t, s_bq_h, s_l_t, s_l_h, n0, tl.minimum(n0 + BN, end), sm_scale2,
                                         BM, True)
                 start = n0 + BN
             else:
                 start = 0
-            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h,
+            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q + qs * s_q_t + h * s_q_h, DO + qs * s_do_t + h * s_do_h,
+                                    CQ + qs * s_cq_t + h * s_cq_h, BQ + qs * s_bq_t + h * s_bq_h,
+                                    LSE2 + qs * s_l_t + h * s_l_h, DELTA + qs * s_l_t + h * s_l_h, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
                                     s_bq_t, s_bq_h, s_l_t, s_l_h, start, end, sm_scale2, BM, False)
             tl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
@@ -573,6 +590,7 @@ def _check_inputs(q, k, v):
 
 def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
     """q [Nq, H, D], k, v [Nk, Hkv, D] (token-major, last dim contiguous) -> o [Nq, H, D], lse [Nq, H]."""
+    _check_offsets(plan, q, k, v)
     nq_tok, h, d = q.shape
     hkv = k.shape[1]
     cfg = _config(d, plan.tile)
@@ -598,8 +616,18 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
     return o, lse
 
 
+def _check_offsets(plan: _Plan, *tensors):
+    """Kernels add 32-bit in-document offsets to 64-bit document base pointers (fewer registers)."""
+    longest = max(plan.max_q, plan.max_k)
+    for x in tensors:
+        if longest * max(x.stride()) >= 2 ** 31:
+            raise ValueError(f"a document of {longest} tokens with row stride {max(x.stride())} exceeds 32-bit "
+                             "in-document offsets; split it (e.g. context parallel blocks)")
+
+
 def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
     """Returns dq [Nq, H, D], dk, dv [Nk, Hkv, D] (grad_dtype) and dc [Nk, H] fp32."""
+    _check_offsets(plan, q, k, v, do)
     nq_tok, h, d = q.shape
     nk_tok, hkv = k.shape[0], k.shape[1]
     cfg = _config(d, plan.tile)
