@@ -159,6 +159,42 @@ def _resume(rank, world, *, stage: int, backend: str, ckpt_dir: str):
     return {"diff": diff}
 
 
+def _nan_skip(rank, world, *, stage: int, backend: str):
+    """A non-finite loss on one rank: the update is skipped everywhere, parameters stay finite and unchanged."""
+    import torch.nn.functional as F
+
+    from foxdist.model.fox import FoxLM
+    from foxdist.parallel.dims import ParallelDims
+    from foxdist.parallel.zero import build_engine
+
+    cfg = _cfg(stage)
+    dims = ParallelDims.from_config(cfg, world).init_groups()
+    torch.manual_seed(0)
+    engine = build_engine(FoxLM(cfg.model), cfg, dims, derive(cfg, world), backend=backend)
+
+    def params():
+        if engine.kind == "deepspeed" and stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                return [p.detach().clone() for p in engine.module.parameters()]
+        return [p.detach().clone() for p in engine.module.parameters()]
+
+    toks = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len), generator=torch.Generator().manual_seed(rank))
+    before = params()
+    loss = F.cross_entropy(engine(toks).flatten(0, 1), toks.flatten()) * (float("nan") if rank == 0 else 1.0)
+    engine.backward(loss)
+    engine.step()
+    after = params()
+    out = {"skipped": engine.skipped, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after))}
+    toks2 = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len), generator=torch.Generator().manual_seed(9))
+    engine.backward(F.cross_entropy(engine(toks2).flatten(0, 1), toks2.flatten()))  # the next step trains again
+    engine.step()
+    out["recovers"] = not engine.skipped and all(torch.isfinite(p).all() for p in params())
+    dims.destroy_groups()
+    return out
+
+
 SUITE = DistSuite(world_size=2, timeout_s=600, checks=[
     Check("zero1", _train, dict(stage=1, backend="deepspeed", run_dir="RUN_DIR")),
     Check("zero2", _train, dict(stage=2, backend="deepspeed")),
@@ -168,6 +204,8 @@ SUITE = DistSuite(world_size=2, timeout_s=600, checks=[
     Check("zero2_fp32", _train, dict(stage=2, backend="deepspeed", dtype="float32")),
     Check("accum2_zero2", _train, dict(stage=2, backend="deepspeed", accum=2)),
     Check("accum2_plain", _train, dict(stage=0, backend="plain", accum=2)),
+    Check("nan_zero2", _nan_skip, dict(stage=2, backend="deepspeed")),
+    Check("nan_plain", _nan_skip, dict(stage=0, backend="plain")),
     Check("resume_zero2", _resume, dict(stage=2, backend="deepspeed", ckpt_dir="CKPT_DIR")),
     Check("resume_zero3", _resume, dict(stage=3, backend="deepspeed", ckpt_dir="CKPT_DIR")),
     Check("resume_plain", _resume, dict(stage=0, backend="plain", ckpt_dir="CKPT_DIR")),
@@ -219,6 +257,12 @@ def test_zero_fp32_matches_plain_fp32(dp2):
 @pytest.mark.parametrize("name", ["resume_zero2", "resume_zero3", "resume_plain"])
 def test_checkpoint_resume_is_exact(dp2, name):
     assert dp2.get(name)["diff"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["nan_zero2", "nan_plain"])
+def test_non_finite_step_is_skipped(dp2, name):
+    for out in dp2.all_ranks(name):
+        assert out == {"skipped": True, "unchanged": True, "recovers": True}, out
 
 
 def test_deepspeed_config_saved_in_run_dir(dp2):

@@ -15,7 +15,8 @@ Both engines offer the same small interface used by the trainer::
     engine.step()                        # after EVERY micro-batch; at the accumulation boundary it
                                          # clips, runs AdamW, zeroes grads and returns True
     engine.set_lr(lr)                    # per step, from foxdist.optim.lr_at
-    engine.grad_norm                     # norm before clipping of the last step (float or None)
+    engine.grad_norm                     # norm before clipping of the last update (float or None)
+    engine.skipped                       # True if that update was skipped (non-finite gradient norm)
     engine.save_checkpoint(dir, tag)     # collective; DeepSpeed's format or one file per rank
     engine.load_checkpoint(dir, tag)
 
@@ -32,6 +33,7 @@ CPU); :func:`init_deepspeed_comm` skips that build (gloo does the collectives in
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -187,6 +189,7 @@ class DeepSpeedEngine:
             mpu=DeepSpeedMPU(dims), dist_init_required=False)
         self.module = self.engine.module
         self.grad_norm = None
+        self.skipped = False
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -201,6 +204,8 @@ class DeepSpeedEngine:
         if boundary:
             norm = self.engine.get_global_grad_norm()
             self.grad_norm = None if norm is None else float(norm)
+            # DeepSpeed's ZeRO optimizers skip the update themselves when the norm is inf/nan
+            self.skipped = self.grad_norm is not None and not math.isfinite(self.grad_norm)
         return boundary
 
     def set_lr(self, lr: float):
@@ -243,6 +248,7 @@ class PlainEngine:
         self.accum = derived.grad_accum
         self.optimizer = build_optimizer(model, cfg.optim)
         self.grad_norm = None
+        self.skipped = False
         self._micro = 0
         if dims.dp * dims.cp > 1:  # start from identical replicas (they are, by construction; cheap insurance)
             src = dist.get_global_rank(dims.dp_cp_group, 0)
@@ -285,7 +291,11 @@ class PlainEngine:
             self.grad_norm = float(clip_grad_norm_(self.module, self.cfg.train.grad_clip, self.dims))
         else:
             self.grad_norm = float(grad_norm(self.module, self.dims))
-        self.optimizer.step()
+        # like DeepSpeed: a non-finite gradient norm skips the update (same decision on every rank:
+        # the norm is reduced over tp and the gradients are identical over dp x cp)
+        self.skipped = not math.isfinite(self.grad_norm)
+        if not self.skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._micro = 0
         return True
