@@ -307,7 +307,7 @@ def test_zero_without_deepspeed_explains(monkeypatch):
 
 
 # ------------------------------------------------------------------ tensor parallel x ZeRO (4 ranks)
-def _train_tp(rank, world, *, stage: int, backend: str, sp: bool = True, steps: int = 3):
+def _train_tp(rank, world, *, stage: int, backend: str, sp: bool = True, steps: int = 3, cp: int = 1):
     """tp=2 x dp=2 (megatron-core TP model as DeepSpeed's model-parallel unit) vs one fp64 process.
 
     Objective: an fp64 linear functional of the logits, ``sum(logits * R) / n`` (each tp rank backprops
@@ -316,16 +316,24 @@ def _train_tp(rank, world, *, stage: int, backend: str, sp: bool = True, steps: 
     """
     import torch.distributed as dist
 
-    from foxdist.model.fox import FoxLM
+    from foxdist.model.fox import FoxLM, LocalSequence
     from foxdist.optim import param_groups
     from foxdist.parallel.dims import ParallelDims
     from foxdist.parallel.tensor import build_tp_model, gather_full
-    from foxdist.parallel.zero import build_engine
+    from foxdist.parallel.zero import build_engine, dp_cp_loss_scale
 
     cfg = _cfg(stage)
-    cfg.parallel.tp, cfg.parallel.sequence_parallel = 2, sp
+    cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.sequence_parallel = 2, cp, sp
+    cfg.train.global_batch_size = cfg.train.micro_batch_size * world // (2 * cp)
     derived = derive(cfg, world)
     dims = ParallelDims.from_config(cfg, world).init_groups()
+    seq = LocalSequence()
+    shard = (lambda x: x)
+    if cp > 1:
+        from foxdist.parallel.context import CPContext
+
+        ctx = CPContext(dims.cp_group, layout=cfg.parallel.cp_layout, mode=cfg.parallel.cp_mode)
+        seq, shard = ctx.sequence(), (lambda x: ctx.shard(x, dim=1))
     model = build_tp_model(cfg.model, dims, seed=cfg.train.seed, dtype=torch.float64)
     torch.manual_seed(cfg.train.seed)
     ref = FoxLM(cfg.model).double()
@@ -341,9 +349,11 @@ def _train_tp(rank, world, *, stage: int, backend: str, sp: bool = True, steps: 
         cot = torch.randn(dims.dp, b, t, vp, generator=gen, dtype=torch.float64)
         lr = cfg.optim.lr * (step + 1) / steps
         engine.set_lr(lr)
-        local = engine(toks[dims.dp_rank])
-        # dp averages gradients, so each replica's share is scaled by dp
-        obj = (local * cot[dims.dp_rank].chunk(dims.tp, -1)[dims.tp_rank]).sum() * dims.dp / n
+        local = engine(shard(toks[dims.dp_rank]), seq=seq)
+        # gradients are averaged over dp x cp: scale each rank's share of the sum by dp * cp
+        # (dp_cp_loss_scale: cp turns the cp-average into the cp-sum)
+        my_cot = shard(cot[dims.dp_rank]).chunk(dims.tp, -1)[dims.tp_rank]
+        obj = (local * my_cot).sum() * dims.dp * dp_cp_loss_scale(dims) / n
         engine.backward(obj)
         engine.step()
         for g in opt.param_groups:
@@ -373,6 +383,8 @@ SUITE_TP = DistSuite(world_size=4, timeout_s=600, checks=[
     Check("tp2_plain", _train_tp, dict(stage=0, backend="plain")),
     Check("tp2_zero1", _train_tp, dict(stage=1, backend="deepspeed")),
     Check("tp2_zero3", _train_tp, dict(stage=3, backend="deepspeed", sp=False)),
+    Check("tp2_cp2_zero2", _train_tp, dict(stage=2, backend="deepspeed", cp=2)),
+    Check("tp2_cp2_plain", _train_tp, dict(stage=0, backend="plain", cp=2)),
 ])
 
 
@@ -383,9 +395,9 @@ def tp2dp2():
     return SUITE_TP.run()
 
 
-@pytest.mark.parametrize("name", ["tp2_plain", "tp2_zero1", "tp2_zero3"])
+@pytest.mark.parametrize("name", ["tp2_plain", "tp2_zero1", "tp2_zero3", "tp2_cp2_zero2", "tp2_cp2_plain"])
 def test_tp_with_zero_matches_single_process(tp2dp2, name):
     m = tp2dp2.get(name)
     print(f"{name} ({tp2dp2.seconds(name):.1f} s): {m}")
-    tol = TOL["plain" if name == "tp2_plain" else "zero"]
+    tol = TOL["plain" if name.endswith("plain") else "zero"]
     assert m["param_err"] < tol["param_err"] and m["norm_err"] < tol["norm_err"], m
