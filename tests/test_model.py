@@ -111,3 +111,19 @@ def test_schedules():
     assert lr_at(100, 100, 1.0, s) == pytest.approx(0.1) and lr_at(55, 100, 1.0, s) == pytest.approx(0.55)
     w = ScheduleConfig(kind="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_at(50, 100, 1.0, w) == 1.0 and lr_at(79, 100, 1.0, w) == 1.0 and lr_at(99, 100, 1.0, w) == pytest.approx(0.0)
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    torch.manual_seed(4)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, **PRO)
+    a = FoxLM(cfg).double()
+    cfg_ckpt = ModelConfig(d_model=32, n_layers=2, n_heads=2, activation_checkpointing=True, **PRO)
+    b = FoxLM(cfg_ckpt).double()
+    b.load_state_dict(a.state_dict())
+    tok = torch.randint(0, 257, (2, 33))
+    la, lb = a(tok[:, :-1], tok[:, 1:]), b(tok[:, :-1], tok[:, 1:])
+    la.backward()
+    lb.backward()
+    assert la.item() == lb.item()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=0, atol=1e-13, msg=n)
