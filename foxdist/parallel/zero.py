@@ -96,7 +96,7 @@ def write_deepspeed_config(ds_config: dict, run_dir: str | os.PathLike) -> Path:
     """Save the generated DeepSpeed config as ``run_dir/deepspeed_config.json`` (atomically)."""
     path = Path(run_dir) / "deepspeed_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
@@ -182,7 +182,7 @@ class DeepSpeedEngine:
 
         init_deepspeed_comm()
         self.ds_config = deepspeed_config(cfg, dims, derived, dtype=dtype)
-        if run_dir is not None:
+        if run_dir is not None and dist.get_rank() == 0:
             write_deepspeed_config(self.ds_config, run_dir)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
