@@ -347,10 +347,19 @@ def run(cfg: Config, run_dir: Path) -> dict:
         print(f"foxdist: recipe {cfg.recipe}, world {rt.world_size} (tp {derived.tp} cp {derived.cp} dp "
               f"{derived.dp}), device {rt.device}, {derived.tokens_per_step:,} tokens/step, "
               f"grad accumulation {derived.grad_accum}; run dir {run_dir}", flush=True)
+    trainer = None
     try:
-        return Trainer(cfg, run_dir, rt).fit()
+        trainer = Trainer(cfg, run_dir, rt)
+        result = trainer.fit()
+        if rt.distributed:
+            # leave together: a rank that exits while a peer still has collectives or P2P in flight
+            # takes the job down with it
+            dist.barrier()
+        return result
     finally:
         if rt.distributed and dist.is_initialized():
+            if trainer is not None:
+                trainer.dims.destroy_groups()
             dist.destroy_process_group()
 
 

@@ -28,7 +28,7 @@ def _train(run_dir, nproc, *sets):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "foxdist.train", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.returncode == 0, out.stdout[-3000:] + "\n----- stderr -----\n" + out.stderr[-4000:]
     return _rows(run_dir)
 
 
