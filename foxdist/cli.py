@@ -1,10 +1,11 @@
-"""The ``foxdist`` command: ``foxdist train``, ``foxdist prepare`` and ``foxdist eval``.
+"""The ``foxdist`` command: ``foxdist train``, ``prepare``, ``eval`` and ``plot``.
 
 Examples::
 
     foxdist train --recipe recipes/debug.py:cpu
     foxdist prepare "data/raw/**/*.txt" --out data/shards --tokenizer tokenizer.json
     foxdist eval --run-dir runs/debug-cpu
+    foxdist plot runs/debug-cpu runs/debug-cpu_transformer --out compare.png
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ def main(argv: list[str] | None = None) -> int:
 
     add_prepare_args(sub.add_parser("prepare", help="tokenize text files into zstd token shards"))
     sub.add_parser("eval", help="validation loss and per-position loss curve of a run", add_help=False)
+    sub.add_parser("plot", help="loss and throughput curves of runs, side by side, to a PNG", add_help=False)
     if argv and argv[0] == "eval":
         from .evaluate import main as eval_main
 
         return eval_main(argv[1:])
+    if argv and argv[0] == "plot":
+        from .plot import main as plot_main
+
+        return plot_main(argv[1:])
     if argv and argv[0] == "train":
         from .train import main as train_main
 

@@ -127,6 +127,13 @@ def test_eval_writes_position_curve(tmp_path):
     acc = EventAccumulator(str(d / "tb" / "eval"))
     acc.Reload()
     assert len(acc.Scalars("eval/position_loss")) == len(res["buckets"])
+    # the same run through `foxdist plot`, next to a second run: one PNG with both curves
+    d2 = tmp_path / "ev2"
+    run(_cfg(d2, "train.max_steps=2", "optim.lr=1e-3"), d2)
+    png = tmp_path / "cmp.png"
+    p = subprocess.run([sys.executable, "-m", "foxdist", "plot", str(d), str(d2), "--out", str(png), "--x", "tokens"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and png.stat().st_size > 5000, p.stderr
     bad = subprocess.run([sys.executable, "-m", "foxdist", "eval", "--run-dir", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no config.json" in bad.stderr
