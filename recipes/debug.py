@@ -6,7 +6,7 @@
 
 Arithmetic (cpu): 16 sequences x 256 tokens = 4,096 tokens per step; 8 per micro-batch -> 2 accumulation
 steps on one process; 300 steps = 1.2M tokens (~3% of the 38 MB corpus). Model: 4 layers x 128,
-4 heads of 32, SwiGLU hidden 320: ~0.8M parameters, ~5 MB of fp32 weights + Adam state.
+4 heads of 32, SwiGLU hidden 320: 0.91M parameters, ~15 MB of fp32 weights + Adam state.
 """
 
 from foxdist.config import Config, ModelConfig
