@@ -60,10 +60,12 @@ def _noop() -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, keep_every: int = 0, *,
-                    rank: int = 0, meta: dict | None = None, barrier=_noop) -> Path:
+                    rank: int = 0, meta: dict | None = None, barrier=_noop, write_extra=None) -> Path:
     """Collective save: every rank passes its own ``state``; ``barrier`` synchronises the ranks.
 
-    Returns the final checkpoint directory. ``meta`` (rank 0's) is stored as ``meta.json``.
+    ``write_extra(tmp_dir)``, called on every rank before the marker, writes state that has its own
+    collective format (DeepSpeed ZeRO). Returns the final checkpoint directory. ``meta`` (rank 0's)
+    is stored as ``meta.json``.
     """
     root = ckpt_dir(run_dir)
     name = f"step_{step:08d}"
@@ -80,6 +82,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, k
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if write_extra is not None:
+            write_extra(tmp)
     except OSError as e:
         error = e
     barrier()

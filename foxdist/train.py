@@ -87,9 +87,6 @@ class Trainer:
         if rt.distributed:
             self.dims.init_groups()
         _tp_rank, _cp_rank, dp_rank = self.dims.coords(rt.rank)
-        if cfg.parallel.zero_stage:
-            raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed ZeRO is not wired into the "
-                             f"trainer yet; use parallel.zero_stage=0 (gradients averaged over dp x cp)")
         torch.manual_seed(cfg.train.seed)
         source = cfg.data.source
         shard_dir = stdlib_corpus(verbose=rt.is_main) if source == "stdlib" else source
@@ -120,13 +117,19 @@ class Trainer:
             p = cfg.parallel
             self.cp = CPContext(self.dims.cp_group, layout=p.cp_layout, mode=p.cp_mode, ulysses_degree=p.ulysses_degree)
             self.seq = self.cp.sequence()
-        self.ddp = None
-        if d.dp * d.cp > 1:
+        self.ddp = self.engine = self.opt = None
+        if cfg.parallel.zero_stage > 0:
+            # DeepSpeed ZeRO over dp x cp: it owns the optimizer, clipping, accumulation and skipping
+            from .parallel.zero import build_engine
+
+            self.engine = build_engine(self.model, cfg, self.dims, d, run_dir=run_dir)
+        elif d.dp * d.cp > 1:
             # context-parallel ranks hold replicas too: gradients average over dp x cp
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                 process_group=self.dims.dp_cp_group)
-        self.opt = build_optimizer(self.model, cfg.optim)
+        if self.engine is None:
+            self.opt = build_optimizer(self.model, cfg.optim)
         dtype = cfg.train.dtype
         self.amp_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and rt.device.type == "cuda") else None
         self.step = 0
@@ -164,22 +167,26 @@ class Trainer:
 
     def _layout(self) -> dict:
         d = self.derived
-        return {"world_size": d.world_size, "tp": d.tp, "cp": d.cp, "dp": d.dp}
+        return {"world_size": d.world_size, "tp": d.tp, "cp": d.cp, "dp": d.dp,
+                "zero_stage": self.cfg.parallel.zero_stage}
 
     def state_dict(self) -> dict:
         """This rank's checkpoint part: RNG and loader always; model and optimizer on replica 0 only
         (data-parallel replicas are identical, so the other ranks need not write them again)."""
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
                  "skipped_total": self.skipped_total}
-        if self.rt.rank == self._replica_rank:
+        if self.engine is None and self.rt.rank == self._replica_rank:
             state.update(model=self.model.state_dict(), optim=self.opt.state_dict(), config=self.cfg.to_dict())
         return state
 
     def load(self, path: Path) -> None:
         own = load_checkpoint(path, self.rt.rank, expect=self._layout())
-        src = own if "model" in own else load_checkpoint(path, self._replica_rank)
-        self.model.load_state_dict(src["model"])
-        self.opt.load_state_dict(src["optim"])
+        if self.engine is not None:
+            self.engine.load_checkpoint(path, "zero")
+        else:
+            src = own if "model" in own else load_checkpoint(path, self._replica_rank)
+            self.model.load_state_dict(src["model"])
+            self.opt.load_state_dict(src["optim"])
         self.loader.load_state_dict(own["loader"])
         set_rng_state(own["rng"])
         self.step = own["step"]
@@ -188,8 +195,9 @@ class Trainer:
     def save(self) -> Path:
         c = self.cfg.checkpoint
         barrier = dist.barrier if self.rt.distributed else (lambda: None)
+        extra = None if self.engine is None else (lambda d: self.engine.save_checkpoint(d, "zero"))
         return save_checkpoint(self.run_dir, self.step, self.state_dict(), c.keep_last, c.keep_every,
-                               rank=self.rt.rank, meta=self._layout(), barrier=barrier)
+                               rank=self.rt.rank, meta=self._layout(), barrier=barrier, write_extra=extra)
 
     # ---- steps -----------------------------------------------------------------------------------
     def _autocast(self):
@@ -206,7 +214,7 @@ class Trainer:
         batch = batch.to(self.rt.device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
         cu = document_cu_seqlens(x, self.eos_id) if self.cfg.data.document_masking else None
-        model = self.ddp or self.model
+        model = self.engine or self.ddp or self.model
         with self._autocast():
             if self.cp is None:
                 return model(x, y, seq=self.seq, cu_seqlens=cu)
@@ -217,9 +225,11 @@ class Trainer:
     def train_step(self) -> dict:
         accum = self.derived.grad_accum
         lr = lr_at(self.step, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
+        self.model.acp_stats.reset()
+        if self.engine is not None:
+            return self._engine_step(lr)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.model.acp_stats.reset()
         total = torch.zeros((), device=self.rt.device)
         for i in range(accum):
             sync = self.ddp is None or i == accum - 1
@@ -249,6 +259,30 @@ class Trainer:
         self.step += 1
         st = self.model.acp_stats
         return {"loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "skipped_steps": self.skipped_total,
+                "acp_pruned_fraction": st.pruned_fraction if self.cfg.kernels.acp_eps is not None else None}
+
+    def _engine_step(self, lr: float) -> dict:
+        """One optimizer step through DeepSpeed: it divides by the accumulation count, averages over
+        dp x cp, clips with the tensor-parallel-aware norm and skips non-finite updates itself."""
+        accum = self.derived.grad_accum
+        self.engine.set_lr(lr)
+        total = torch.zeros((), device=self.rt.device)
+        for _ in range(accum):
+            loss = self._loss(next(self.loader))
+            self.engine.backward(loss * self.derived.cp)
+            self.engine.step()
+            total += loss.detach() / accum
+        if self.derived.dp > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG, group=self.dims.dp_group)
+        gnorm = self.engine.grad_norm if self.engine.grad_norm is not None else float("nan")
+        if self.engine.skipped or not math.isfinite(total.item()):
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+        self.step += 1
+        st = self.model.acp_stats
+        return {"loss": total.item(), "lr": lr, "grad_norm": gnorm, "skipped_steps": self.skipped_total,
                 "acp_pruned_fraction": st.pruned_fraction if self.cfg.kernels.acp_eps is not None else None}
 
     @torch.no_grad()

@@ -53,6 +53,23 @@ def test_parallel_layouts_match_single_process(single, tmp_path, nproc, sets):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-4 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
 
 
+def test_zero2_dp2_trains_like_single_process_and_resumes(single, tmp_path):
+    """DeepSpeed ZeRO-2 over 2 data-parallel ranks: the same losses as one process (fp32 tolerance),
+    and a ZeRO checkpoint resumes to the same next steps."""
+    pytest.importorskip("deepspeed")
+    sets = ["parallel.zero_stage=2"]
+    rows = _train(tmp_path / "z", 2, *sets)
+    assert (tmp_path / "z" / "deepspeed_config.json").exists()
+    for a, b in zip(single, rows):
+        assert abs(a["loss"] - b["loss"]) <= 2e-5 * a["loss"], (a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-4 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
+    _train(tmp_path / "zr", 2, *sets, "train.stop_at_step=2")
+    assert (tmp_path / "zr" / "checkpoints" / "step_00000002" / "zero").is_dir()
+    resumed = _train(tmp_path / "zr", 2, *sets)
+    for a, b in zip(rows, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a["loss"], b["loss"])
+
+
 def test_resume_tp2_cp2_is_bitwise(tmp_path):
     sets = ["parallel.tp=2", "parallel.cp=2"]
     straight = _train(tmp_path / "straight", 4, *sets)
