@@ -121,6 +121,11 @@ def _complete(root: Path) -> list[tuple[int, Path]]:
 
 
 def _retain(root: Path, keep_last: int, keep_every: int) -> None:
+    # temp directories left by a save that was killed midway: only one save runs at a time
+    for p in root.glob("step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob("latest.tmp-*"):
+        p.unlink(missing_ok=True)
     ckpts = _complete(root)
     keep = {s for s, _ in ckpts[-max(1, keep_last):]}
     if keep_every:
