@@ -78,3 +78,35 @@ def test_resume_tp2_cp2_is_bitwise(tmp_path):
     assert (meta["tp"], meta["cp"], meta["world_size"]) == (2, 2, 4)
     resumed = _train(tmp_path / "resumed", 4, *sets)
     assert [(r["loss"], r["grad_norm"]) for r in straight] == [(r["loss"], r["grad_norm"]) for r in resumed]
+
+
+def test_dead_rank_stops_the_job_with_its_name(tmp_path):
+    """SIGKILL one of 2 ranks mid-run: the job ends within the timeout (no hang) naming the dead rank, and
+    the last checkpoint stays loadable."""
+    import signal
+    import time
+
+    import psutil
+
+    from foxdist.checkpoint import latest_checkpoint, load_checkpoint
+
+    run_dir = tmp_path / "dead"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "foxdist.train", "--recipe", TINY, "--run-dir", str(run_dir), "--set", "train.max_steps=500",
+           "--set", "checkpoint.every=2", "--set", "parallel.timeout_s=60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 240
+    while time.time() < deadline and latest_checkpoint(run_dir) is None and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "foxdist.train" in " ".join(c.cmdline())]
+    victim = next(w for w in workers if w.environ().get("RANK") == "1")
+    t0 = time.time()
+    victim.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 90, "the surviving rank hung instead of failing"
+    assert "rank      : 1" in err and "Signal 9 (SIGKILL)" in err, err[-3000:]
+    ckpt = latest_checkpoint(run_dir)
+    assert load_checkpoint(ckpt, 0)["step"] >= 2 and load_checkpoint(ckpt, 1)["step"] >= 2
