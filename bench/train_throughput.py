@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny CPU configuration (checks the script)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seq-lens", default="16384")
+    p.add_argument("--compile", action="store_true", help="also measure with train.compile=true")
     args = p.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     seq_lens = [256] if smoke else [int(x) for x in args.seq_lens.split(",")]
@@ -91,11 +92,13 @@ def main(argv=None) -> int:
             for name, model, acp in [(f"fox-pro-125m-T{t}", "fox-pro-125m", None),
                                      (f"fox-pro-125m-acp-T{t}", "fox-pro-125m", 4.5399929762484854e-05),
                                      (f"transformer-125m-T{t}", "transformer-125m", None)]:
-                cfg = _config(model, t, steps, acp, smoke)
-                if smoke:
-                    apply_overrides(cfg, ["train.device=cpu"])
-                results.append(measure(name, cfg, root, warmup))
-                print(json.dumps(results[-1]), flush=True)
+                for compiled in ([False, True] if args.compile else [False]):
+                    cfg = _config(model, t, steps, acp, smoke)
+                    apply_overrides(cfg, ["train.device=cpu"] if smoke else [])
+                    cfg.train.compile = compiled
+                    results.append(measure(name + ("-compiled" if compiled else ""), cfg, root, warmup))
+                    results[-1]["compile"] = compiled
+                    print(json.dumps(results[-1]), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -109,6 +109,9 @@ class Trainer:
             self.model = build_tp_model(cfg.model, self.dims, seed=cfg.train.seed, device=rt.device, **kw)
         else:
             self.model = FoxLM(cfg.model, **kw).to(rt.device)
+        if cfg.train.compile:
+            for blk in self.model.blocks:
+                blk.compile()
         self.cp = None
         self.seq = LocalSequence()
         if d.cp > 1:

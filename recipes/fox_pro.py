@@ -43,6 +43,7 @@ def _paper(model_name: str, lr: float, steps: int) -> Config:
     cfg.schedule.min_lr_ratio = 0.0
     cfg.checkpoint.every = 500
     cfg.kernels.acp_eps = None  # dense by default; see *_acp recipes
+    cfg.train.compile = True  # fuses norms/gates/token shift: 1.55x tokens/s and -45% memory at 125M/16k on H200
     return cfg
 
 

@@ -56,6 +56,13 @@ def document_cu_seqlens(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return torch.tensor(sorted(cuts), dtype=torch.int64, device=tokens.device)
 
 
+@torch.compiler.disable
+def _attention(seq, q, k, v, g, **kw):
+    """The attention core stays out of ``torch.compile``: it is already one fused kernel (or a ring of
+    them), and Inductor must not re-trace its Triton kernels or its communication."""
+    return seq.attention(q, k, v, g, **kw)
+
+
 class ForgettingAttentionLayer(nn.Module):
     """FoX attention: forget gate per head, optional Pro features (token shift, QK-norm, output gate/norm)."""
 
@@ -106,8 +113,8 @@ class ForgettingAttentionLayer(nn.Module):
         g = self.forget_gate(x)
         if cu_seqlens is not None and b > 1:  # pack rows into one: cu_seqlens covers B*T
             q, k, v, g = (z.reshape(1, b * t, *z.shape[2:]) for z in (q, k, v, g))
-        o = seq.attention(q, k, v, g, scale=self.hd ** -0.5, cu_seqlens=cu_seqlens, acp_eps=self.acp_eps,
-                          acp_bound=bound, impl=self.impl, stats=stats)
+        o = _attention(seq, q, k, v, g, scale=self.hd ** -0.5, cu_seqlens=cu_seqlens, acp_eps=self.acp_eps,
+                       acp_bound=bound, impl=self.impl, stats=stats)
         o = o.reshape(b, t, self.h, self.hd)
         if self.cfg.output_norm:
             o = self.o_norm(o)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, model_dims
+from ..model import fox as _fox
 from ..model import layers as _layers
 from ..model.fox import FoxLM, ForgettingAttentionLayer, LocalSequence
 from ..model.layers import apply_rope, rope_tables
@@ -209,7 +210,7 @@ class TPForgettingAttention(_TPRegion):
         g = ForgettingAttentionLayer.forget_gate(self, x).transpose(0, 1)  # [B, T, h]
         if cu_seqlens is not None and b > 1:
             q, k, v, g = (z.reshape(1, b * t, *z.shape[2:]) for z in (q, k, v, g))
-        o = seq.attention(q, k, v, g.contiguous(), scale=hd ** -0.5, cu_seqlens=cu_seqlens, acp_eps=self.acp_eps,
+        o = _fox._attention(seq, q, k, v, g.contiguous(), scale=hd ** -0.5, cu_seqlens=cu_seqlens, acp_eps=self.acp_eps,
                           acp_bound=bound, impl=self.impl, stats=stats)
         o = o.reshape(b, t, h, hd)
         if self.cfg.output_norm:
