@@ -10,7 +10,7 @@ from foxdist.config import derive, load_recipe
 from foxdist.model import FoxLM
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = {"debug.py": 1, "fox_pro.py": 8}
+WORLD = {"debug.py": 1, "fox_pro.py": 8}  # others: the tp * cp the recipe names (dp = 1)
 
 
 def _recipes():
