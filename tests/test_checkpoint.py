@@ -4,7 +4,6 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
