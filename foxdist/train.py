@@ -58,11 +58,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
 def _check_run_dir(cfg: Config, run_dir: Path) -> None:
     """Refuse to resume a run directory whose checkpoints come from a different model or data config."""
     old_file = run_dir / "config.json"
-    if not old_file.exists() or latest_checkpoint(run_dir) is None or not cfg.checkpoint.resume:
-        if old_file.exists() and latest_checkpoint(run_dir) is not None and not cfg.checkpoint.resume:
-            raise ValueError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: refusing to "
-                             f"overwrite them; choose a new --run-dir or remove {run_dir / 'checkpoints'}")
+    if not old_file.exists() or latest_checkpoint(run_dir) is None:
         return
+    if not cfg.checkpoint.resume:
+        raise ValueError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: refusing to "
+                         f"overwrite them; choose a new --run-dir or remove {run_dir / 'checkpoints'}")
     old = json.loads(old_file.read_text())
     new = cfg.to_dict()
     diffs = [f"{s}.{k}: {old[s].get(k)!r} -> {v!r}" for s in _IDENTITY_SECTIONS
@@ -241,8 +241,7 @@ class Trainer:
                 # DDP averages over dp x cp; the cp ranks' gradients are parts of one replica's sum
                 (loss * (self.derived.cp / accum)).backward()
             total += loss.detach() / accum
-        if self.derived.dp > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG, group=self.dims.dp_group)
+        loss_v = self._replica_mean(total)
         clip = self.cfg.train.grad_clip
         if self.derived.tp > 1:  # tensor-parallel slices summed over tp, replicated parameters counted once
             from .parallel.tensor import clip_grad_norm_, grad_norm
@@ -250,15 +249,26 @@ class Trainer:
             gnorm = clip_grad_norm_(self.model, clip, self.dims) if clip > 0 else grad_norm(self.model, self.dims)
         else:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        loss_v, gnorm_v = total.item(), gnorm.item()
-        finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-        if finite:
+        gnorm_v = gnorm.item()
+        skipped = not (math.isfinite(loss_v) and math.isfinite(gnorm_v))
+        if not skipped:
             self.opt.step()
-            self.consecutive_skips = 0
-        else:
+        self.opt.zero_grad(set_to_none=True)
+        return self._record(lr, loss_v, gnorm_v, skipped)
+
+    def _replica_mean(self, total: torch.Tensor) -> float:
+        """The step's loss averaged over data-parallel replicas (what is logged and checked for finiteness)."""
+        if self.derived.dp > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG, group=self.dims.dp_group)
+        return total.item()
+
+    def _record(self, lr: float, loss_v: float, gnorm_v: float, skipped: bool) -> dict:
+        """Count the finished optimizer step (and a skipped update) and return its metrics."""
+        if skipped:
             self.skipped_total += 1
             self.consecutive_skips += 1
-        self.opt.zero_grad(set_to_none=True)
+        else:
+            self.consecutive_skips = 0
         self.step += 1
         st = self.model.acp_stats
         return {"loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "skipped_steps": self.skipped_total,
@@ -275,18 +285,9 @@ class Trainer:
             self.engine.backward(loss * self.derived.cp)
             self.engine.step()
             total += loss.detach() / accum
-        if self.derived.dp > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG, group=self.dims.dp_group)
+        loss_v = self._replica_mean(total)
         gnorm = self.engine.grad_norm if self.engine.grad_norm is not None else float("nan")
-        if self.engine.skipped or not math.isfinite(total.item()):
-            self.skipped_total += 1
-            self.consecutive_skips += 1
-        else:
-            self.consecutive_skips = 0
-        self.step += 1
-        st = self.model.acp_stats
-        return {"loss": total.item(), "lr": lr, "grad_norm": gnorm, "skipped_steps": self.skipped_total,
-                "acp_pruned_fraction": st.pruned_fraction if self.cfg.kernels.acp_eps is not None else None}
+        return self._record(lr, loss_v, gnorm, self.engine.skipped or not math.isfinite(loss_v))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -299,10 +300,7 @@ class Trainer:
                            dp_rank=self.dims.coords(self.rt.rank)[2], dp_size=self.derived.dp)
         losses = [self._loss(next(val)).float() for _ in range(self.cfg.data.num_val_batches)]
         self.model.train()
-        v = torch.stack(losses).mean()
-        if self.derived.dp > 1:
-            dist.all_reduce(v, op=dist.ReduceOp.AVG, group=self.dims.dp_group)
-        return {"val_loss": v.item()}
+        return {"val_loss": self._replica_mean(torch.stack(losses).mean())}
 
     def fit(self) -> dict:
         cfg, rt = self.cfg, self.rt
