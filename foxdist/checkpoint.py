@@ -59,13 +59,20 @@ def _noop() -> None:
     return None
 
 
+def _local_only(failed: bool) -> bool:
+    return failed
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, keep_every: int = 0, *,
-                    rank: int = 0, meta: dict | None = None, barrier=_noop, write_extra=None) -> Path:
+                    rank: int = 0, meta: dict | None = None, barrier=_noop, write_extra=None,
+                    any_failed=_local_only) -> Path:
     """Collective save: every rank passes its own ``state``; ``barrier`` synchronises the ranks.
 
     ``write_extra(tmp_dir)``, called on every rank before the marker, writes state that has its own
     collective format (DeepSpeed ZeRO). Returns the final checkpoint directory. ``meta`` (rank 0's)
-    is stored as ``meta.json``.
+    is stored as ``meta.json``. ``any_failed(failed) -> bool`` (collective, e.g. an all-reduce MAX)
+    tells every rank whether any rank failed to write its part: then nothing is committed, the
+    previous checkpoint stays ``latest`` and every rank raises ``OSError``.
     """
     root = ckpt_dir(run_dir)
     name = f"step_{step:08d}"
@@ -87,6 +94,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, k
     except OSError as e:
         error = e
     barrier()
+    if any_failed(error is not None) and error is None:
+        error = OSError("another rank could not write its part")
+    commit_error = None
     if rank == 0:
         try:
             if error is not None:
@@ -103,12 +113,21 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, k
             _fsync_dir(root)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(f"saving checkpoint {final} failed ({e}); the previous checkpoint "
-                          f"{latest_checkpoint(run_dir)} is intact") from e
-        _retain(root, keep_last, keep_every)
-    elif error is not None:
-        raise OSError(f"rank {rank} could not write its part of checkpoint {final}: {error}") from error
+            commit_error = OSError(f"saving checkpoint {final} failed ({e}); the previous checkpoint "
+                                   f"{latest_checkpoint(run_dir)} is intact")
+            commit_error.__cause__ = e
+        else:
+            _retain(root, keep_last, keep_every)
+    # collective: every rank learns whether rank 0 committed (instead of waiting at a barrier it never reaches)
+    failed = any_failed(commit_error is not None)
     barrier()
+    if commit_error is not None:
+        raise commit_error
+    if error is not None:
+        raise OSError(f"rank {rank} could not write its part of checkpoint {final} ({error}); nothing was "
+                      f"committed, the previous checkpoint stays latest") from error
+    if failed:
+        raise OSError(f"rank 0 could not commit checkpoint {final}; the previous checkpoint stays latest")
     return final
 
 

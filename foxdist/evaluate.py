@@ -3,8 +3,8 @@
     foxdist eval --run-dir runs/debug-cpu                       # latest checkpoint, its own data's val split
     foxdist eval --run-dir runs/fox --data /data/shards --split val --batches 64 --seq-len 65536
 
-Loads the run's ``config.json`` and latest checkpoint (single process; checkpoints written with
-tp = cp = 1), runs ``--batches`` windows, and writes to the run directory:
+Loads the run's ``config.json`` and latest checkpoint (single process; a checkpoint of any parallel
+layout is consolidated first, see :mod:`foxdist.reshard`), runs ``--batches`` windows, and writes to the run directory:
 ``eval/position_loss.json`` (mean loss per position bucket), tensorboard scalars under ``tb/eval``
 (``eval/position_loss`` with the bucket's last position as the step axis, ``eval/loss``), and
 ``eval/position_loss.png``. A lower curve at late positions means the model uses long context.
@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .config import Config
+from .checkpoint import latest_checkpoint
 
 
 def position_buckets(t: int, n: int = 32) -> list[tuple[int, int]]:
@@ -48,24 +47,15 @@ def per_position_loss(model, loader, batches: int, device, amp_dtype=None) -> to
 def run_eval(run_dir: Path, data: str | None, split: str, batches: int, seq_len: int | None, batch_size: int,
              device: str = "auto") -> dict:
     from .data import TokenDataset, WindowLoader, stdlib_corpus
-    from .model import FoxLM
+    from .reshard import consolidated_model, read_meta, run_config
 
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.exists():
-        raise ValueError(f"{run_dir} has no config.json: is it a foxdist run directory?")
-    raw = json.loads(cfg_file.read_text())
-    raw.pop("derived", None)
-    cfg = Config.from_dict(raw)
-    if cfg.parallel.tp != 1 or cfg.parallel.cp != 1:
-        raise ValueError(f"{run_dir} was trained with tp={cfg.parallel.tp}, cp={cfg.parallel.cp}; evaluation loads "
-                         f"single-device checkpoints only (tp = cp = 1) until checkpoint resharding exists")
+    cfg = run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise ValueError(f"{run_dir} has no complete checkpoint to evaluate")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    model = FoxLM(cfg.model, acp_eps=cfg.kernels.acp_eps, attention_impl=cfg.kernels.attention_impl)
-    model.load_state_dict(load_checkpoint(ckpt, 0)["model"])
+    model, _ = consolidated_model(ckpt, cfg)  # any layout that wrote it, as one single-device model
     model.to(dev).eval()
     source = data or cfg.data.source
     shard_dir = stdlib_corpus(verbose=False) if source == "stdlib" else source
@@ -76,7 +66,7 @@ def run_eval(run_dir: Path, data: str | None, split: str, batches: int, seq_len:
     curve = per_position_loss(model, loader, batches, dev, amp)
     buckets = position_buckets(t)
     rows = [{"start": a, "end": b, "loss": curve[a:b].mean().item()} for a, b in buckets]
-    step = load_checkpoint(ckpt, 0)["step"]
+    step = read_meta(ckpt)["step"]
     result = {"run_dir": str(run_dir), "checkpoint": str(ckpt), "step": step, "split": split, "seq_len": t,
               "windows": batches * batch_size, "loss": curve.mean().item(), "buckets": rows}
     out = run_dir / "eval"

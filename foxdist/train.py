@@ -137,6 +137,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and rt.device.type == "cuda") else None
         self.step = 0
         self.skipped_total = 0
+        self.load_note = ""
         self.consecutive_skips = 0
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak = peak_flops(rt.device)
@@ -179,11 +180,20 @@ class Trainer:
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
                  "skipped_total": self.skipped_total}
         if self.engine is None and self.rt.rank == self._replica_rank:
-            state.update(model=self.model.state_dict(), optim=self.opt.state_dict(), config=self.cfg.to_dict())
+            from .reshard import param_layout
+
+            state.update(model=self.model.state_dict(), optim=self.opt.state_dict(), config=self.cfg.to_dict(),
+                         **param_layout(self.model, self.opt))
         return state
 
     def load(self, path: Path) -> None:
-        own = load_checkpoint(path, self.rt.rank, expect=self._layout())
+        from .reshard import LAYOUT_KEYS, read_meta
+
+        meta = read_meta(path)
+        layout = self._layout()
+        if any(k in meta and meta[k] != layout[k] for k in LAYOUT_KEYS):
+            return self._load_resharded(path, meta)
+        own = load_checkpoint(path, self.rt.rank, expect=layout)
         if self.engine is not None:
             self.engine.load_checkpoint(path, "zero")
         else:
@@ -195,12 +205,43 @@ class Trainer:
         self.step = own["step"]
         self.skipped_total = own.get("skipped_total", 0)
 
+    def _load_resharded(self, path: Path, meta: dict) -> None:
+        """Resume from a checkpoint written with another (tp, cp, dp): see :mod:`foxdist.reshard`."""
+        from .reshard import full_state, layout_str, load_full_state_into
+
+        layout = self._layout()
+        if meta.get("zero_stage", 0) or layout["zero_stage"]:
+            raise ValueError(f"checkpoint {path} was written with {layout_str(meta)}, this run has "
+                             f"{layout_str(layout)}: DeepSpeed ZeRO checkpoints (and moving between ZeRO and "
+                             f"plain data parallelism) cannot be resharded; resume with the saved layout "
+                             f"(`foxdist export` still writes the weights of a ZeRO checkpoint with tp=1)")
+        full = full_state(path, self.cfg)
+        tp_rank = self.dims.coords(self.rt.rank)[0]
+        load_full_state_into(self.model, self.opt, full, tp_rank, self.derived.tp)
+        data_note = self.loader.load_state_dict_relayout(full["loader"])
+        # RNG streams belong to ranks; ranks that did not exist in the saved run take rank 0's
+        rng_rank = self.rt.rank if self.rt.rank < meta["world_size"] else 0
+        set_rng_state(load_checkpoint(path, rng_rank)["rng"])
+        self.step = full["step"]
+        self.skipped_total = full["skipped_total"]
+        self.load_note = (f"resharded checkpoint {path.name} from {layout_str(meta)} to {layout_str(layout)}: "
+                          f"model and AdamW state re-split over tp={layout['tp']}; {data_note}")
+
     def save(self) -> Path:
         c = self.cfg.checkpoint
         barrier = dist.barrier if self.rt.distributed else (lambda: None)
         extra = None if self.engine is None else (lambda d: self.engine.save_checkpoint(d, "zero"))
         return save_checkpoint(self.run_dir, self.step, self.state_dict(), c.keep_last, c.keep_every,
-                               rank=self.rt.rank, meta=self._layout(), barrier=barrier, write_extra=extra)
+                               rank=self.rt.rank, meta=self._layout(), barrier=barrier, write_extra=extra,
+                               any_failed=self._any_rank)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (collective)."""
+        if not self.rt.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     # ---- steps -----------------------------------------------------------------------------------
     def _autocast(self):
@@ -314,6 +355,8 @@ class Trainer:
                             log_every=cfg.logging.log_every)
         if ckpt is not None:
             log.message(f"resumed from {ckpt} at step {self.step}")
+            if self.load_note:
+                log.message(self.load_note)
         tokens_per_step = self.derived.tokens_per_step
         self._install_signal_handlers()
         last = {}

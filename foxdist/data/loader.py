@@ -261,6 +261,49 @@ class WindowLoader:
                              f"(batches_per_epoch={self.batches_per_epoch})")
         self.epoch, self.step = epoch, step
 
+    def load_state_dict_relayout(self, state: dict) -> str:
+        """Resume from a state saved with another dp degree or per-rank batch size.
+
+        All ranks together consume the epoch's permutation in contiguous chunks of
+        ``batch_size * dp_size`` windows, so the position is the number of windows already taken
+        from the current epoch. It carries over when that number is a multiple of this loader's
+        ``batch_size * dp_size``: the next optimizer steps then see the same windows as the saved
+        run would have (assigned to ranks and micro-batches differently). Returns a note for the
+        log; raises ValueError when the position cannot be carried over.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not "
+                             f"{STATE_VERSION}; it was saved by an incompatible foxdist")
+        mine = self.state_dict()
+        for key in ("dataset", "seed", "seq_len", "num_windows"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"cannot resume loader: saved {key}={state.get(key)!r} but this loader has "
+                                 f"{key}={mine[key]!r}; resume with the data, seed and seq_len of the saved run")
+        old_chunk = state["batch_size"] * state["dp_size"]
+        new_chunk = self.batch_size * self.dp_size
+        done = state["step"] * old_chunk
+        if done % new_chunk:
+            raise ValueError(
+                f"cannot carry the data position over: the saved run (micro_batch_size {state['batch_size']} x "
+                f"dp {state['dp_size']}) has taken {done} windows of epoch {state['epoch']}, which is not a "
+                f"multiple of this run's micro_batch_size {self.batch_size} x dp {self.dp_size} = {new_chunk}; "
+                f"choose train.micro_batch_size and dp so that their product divides {done} (for example the "
+                f"saved {state['batch_size']} x {state['dp_size']})")
+        epoch, step = state["epoch"], done // new_chunk
+        if step == self.batches_per_epoch:
+            epoch, step = epoch + 1, 0
+        self.epoch, self.step = epoch, step
+        old_used = (self.num_windows // old_chunk) * old_chunk
+        new_used = self.batches_per_epoch * new_chunk
+        note = (f"data order kept: epoch {epoch}, {done} windows of its permutation already trained on; with an "
+                f"unchanged global batch size each optimizer step sees the windows the saved run would have seen "
+                f"(micro_batch_size x dp {state['batch_size']} x {state['dp_size']} -> {self.batch_size} x "
+                f"{self.dp_size} only changes which rank and micro-batch reads them)")
+        if old_used != new_used:
+            note += (f"; from the end of this epoch on, each epoch uses {new_used} of its {self.num_windows} windows "
+                     f"instead of {old_used}, so later epochs leave out different windows at their end")
+        return note
+
     def __repr__(self) -> str:
         return (f"WindowLoader(batch_size={self.batch_size}, seq_len={self.seq_len}, "
                 f"seed={self.seed}, dp={self.dp_rank}/{self.dp_size}, epoch={self.epoch}, "
