@@ -6,6 +6,7 @@ Examples::
     foxdist prepare "data/raw/**/*.txt" --out data/shards --tokenizer tokenizer.json
     foxdist eval --run-dir runs/debug-cpu
     foxdist plot runs/debug-cpu runs/debug-cpu_transformer --out compare.png
+    foxdist export --run-dir runs/debug-cpu --out model.pt
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     add_prepare_args(sub.add_parser("prepare", help="tokenize text files into zstd token shards"))
     sub.add_parser("eval", help="validation loss and per-position loss curve of a run", add_help=False)
     sub.add_parser("plot", help="loss and throughput curves of runs, side by side, to a PNG", add_help=False)
+    sub.add_parser("export", help="a checkpoint's weights (any parallel layout) as one file for FoxLM", add_help=False)
+    if argv and argv[0] == "export":
+        from .reshard import main as export_main
+
+        return export_main(argv[1:])
     if argv and argv[0] == "eval":
         from .evaluate import main as eval_main
 
