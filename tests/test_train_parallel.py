@@ -78,6 +78,23 @@ def test_resume_tp2_cp2_is_bitwise(tmp_path):
     assert (meta["tp"], meta["cp"], meta["world_size"]) == (2, 2, 4)
     resumed = _train(tmp_path / "resumed", 4, *sets)
     assert [(r["loss"], r["grad_norm"]) for r in straight] == [(r["loss"], r["grad_norm"]) for r in resumed]
+    # the same tp=2 x cp=2 checkpoint, resharded into one process, continues like the 4-rank run
+    import shutil
+
+    from foxdist.config import apply_overrides, load_recipe
+    from foxdist.train import run
+
+    one = tmp_path / "one"
+    shutil.copytree(tmp_path / "resumed" / "checkpoints" / "step_00000002", one / "checkpoints" / "step_00000002")
+    (one / "checkpoints" / "latest").write_text("step_00000002\n")
+    cfg = apply_overrides(load_recipe(TINY), [f"train.max_steps={STEPS}", "checkpoint.every=100",
+                                              "logging.tensorboard=false"])
+    run(cfg, one)
+    rows = _rows(one)
+    assert [r["step"] for r in rows] == list(range(3, STEPS + 1))
+    for a, b in zip(straight[2:], rows):
+        assert abs(a["loss"] - b["loss"]) <= 2e-5 * a["loss"], (a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-4 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
 
 
 def test_dead_rank_stops_the_job_with_its_name(tmp_path):
