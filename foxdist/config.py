@@ -60,6 +60,7 @@ class DataConfig:
     seq_len: int = 512
     document_masking: bool = False  # no attention across EOS-separated documents
     num_val_batches: int = 4
+    skip_bad_frames: bool = False  # replace windows touching a damaged shard frame (warned, counted) instead of failing
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .runtime import Runtime, init_runtime, launch_env
 
 # Config sections that define what a checkpoint contains; a resume with different values is refused.
 _IDENTITY_SECTIONS = ("model", "data")
+_NOT_IDENTITY = {("data", "skip_bad_frames")}  # may be switched on to get past a damaged shard frame
 
 
 def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> None:
     old = json.loads(old_file.read_text())
     new = cfg.to_dict()
     diffs = [f"{s}.{k}: {old[s].get(k)!r} -> {v!r}" for s in _IDENTITY_SECTIONS
-             for k, v in new[s].items() if old.get(s, {}).get(k) != v]
+             for k, v in new[s].items() if old.get(s, {}).get(k) != v and (s, k) not in _NOT_IDENTITY]
     if diffs:
         raise ValueError(f"run directory {run_dir} holds checkpoints of a different config ({'; '.join(diffs)}); "
                          f"use a new --run-dir, or restore the original settings to resume")
@@ -101,7 +102,7 @@ class Trainer:
         self.eos_id = self.train_ds.eos_id
         # keyed by the data-parallel rank only: tensor/context-parallel peers read the same batch
         self.loader = WindowLoader(self.train_ds, cfg.train.micro_batch_size, cfg.data.seq_len, seed=cfg.train.seed,
-                                   dp_rank=dp_rank, dp_size=d.dp)
+                                   dp_rank=dp_rank, dp_size=d.dp, skip_bad_frames=cfg.data.skip_bad_frames)
         kw = dict(acp_eps=cfg.kernels.acp_eps, attention_impl=cfg.kernels.attention_impl)
         if d.tp > 1:
             from .parallel.tensor import build_tp_model
@@ -235,6 +236,13 @@ class Trainer:
                                rank=self.rt.rank, meta=self._layout(), barrier=barrier, write_extra=extra,
                                any_failed=self._any_rank)
 
+    def _data_skipped_windows(self) -> int:
+        """Windows replaced because they touch a damaged shard frame, summed over data-parallel ranks."""
+        n = torch.tensor([self.loader.skipped_windows], device=self.rt.device)
+        if self.derived.dp > 1:
+            dist.all_reduce(n, group=self.dims.dp_group)
+        return int(n.item())
+
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank (collective)."""
         if not self.rt.distributed:
@@ -338,7 +346,8 @@ class Trainer:
 
         self.model.eval()
         val = WindowLoader(self.val_ds, self.cfg.train.micro_batch_size, self.cfg.data.seq_len, seed=0,
-                           dp_rank=self.dims.coords(self.rt.rank)[2], dp_size=self.derived.dp)
+                           dp_rank=self.dims.coords(self.rt.rank)[2], dp_size=self.derived.dp,
+                           skip_bad_frames=self.cfg.data.skip_bad_frames)
         losses = [self._loss(next(val)).float() for _ in range(self.cfg.data.num_val_batches)]
         self.model.train()
         return {"val_loss": self._replica_mean(torch.stack(losses).mean())}
@@ -374,6 +383,8 @@ class Trainer:
                          tflops_per_device=self.flops_per_token * tps / rt.world_size / 1e12)
                 if self.peak:
                     m["mfu"] = self.flops_per_token * tps / rt.world_size / self.peak
+                if cfg.data.skip_bad_frames:
+                    m["data_skipped_windows"] = self._data_skipped_windows()
                 if rt.device.type == "cuda":
                     m["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
                 log.log(self.step, m)

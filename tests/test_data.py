@@ -3,8 +3,10 @@
 import json
 import os
 import pickle
+import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,13 @@ from foxdist.data import stdlib as stdlib_mod
 from foxdist.data.loader import TokenDataset, WindowLoader
 from foxdist.data.prepare import main as prepare_main
 from foxdist.data.prepare import prepare
-from foxdist.data.shards import HEADER_SIZE, ShardError, ShardReader, ShardWriter
+from foxdist.data.shards import (
+    HEADER_SIZE,
+    FrameError,
+    ShardError,
+    ShardReader,
+    ShardWriter,
+)
 from foxdist.data.stdlib import stdlib_corpus
 from foxdist.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -542,3 +550,56 @@ def test_stdlib_corpus_lost_race_uses_winner(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(path, "winner"))
     assert os.listdir(cache) == [os.path.basename(path)]  # loser's temp dir removed
     assert TokenDataset(path).num_docs > 0
+
+
+def _damage_frames(path, frames):
+    """Flip bytes in the middle of each listed frame (only their checksums/decompression notice)."""
+    data = bytearray(Path(path).read_bytes())
+    for f in frames:
+        off, nbytes, _ = _frame_location(path, f)
+        for k in range(off + nbytes // 2 - 2, off + nbytes // 2 + 2):
+            data[k] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def test_loader_skips_damaged_frames_only_when_asked(tmp_path, capsys):
+    write_texts(tmp_path / "in", 40)
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "in" / "**" / "*.txt")], str(out), shard_tokens=1500, frame_tokens=64, quiet=True)
+    clean_dir = tmp_path / "clean"
+    shutil.copytree(out, clean_dir)
+    shard0 = out / json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    _damage_frames(shard0, [3, 9])
+    ds, clean = TokenDataset(out, "train"), TokenDataset(clean_dir, "train")
+    assert ds.fingerprint == clean.fingerprint  # the index is intact: only reading the frames fails
+    seq = 32
+    bad = [(3 * 64, 4 * 64), (9 * 64, 10 * 64)]  # shard 0 starts the stream
+
+    def touches(w):
+        return any(w * seq < b and w * seq + seq + 1 > a for a, b in bad)
+
+    strict = WindowLoader(ds, 4, seq, seed=1)
+    with pytest.raises(FrameError, match=r"frame (3|9) \(tokens .*data\.skip_bad_frames=true") as ei:
+        for _ in range(strict.batches_per_epoch):
+            next(strict)
+    assert str(shard0) in str(ei.value)
+
+    loader = WindowLoader(ds, 4, seq, seed=1, skip_bad_frames=True)
+    want_skips = 0
+    for k in range(loader.batches_per_epoch):
+        if k == loader.batches_per_epoch // 2:  # resume mid-epoch: same batches, count carried over
+            state = loader.state_dict()
+            loader = WindowLoader(ds, 4, seq, seed=1, skip_bad_frames=True)
+            loader.load_state_dict(state)
+        starts = loader.window_starts(loader.epoch, loader.step)
+        batch = next(loader)
+        for row, s in zip(batch.numpy(), starts):
+            w = int(s) // seq
+            want_skips += touches(w)
+            while touches(w):  # the next clean window in stream order
+                w += 1
+            np.testing.assert_array_equal(row, clean.read(w * seq, seq + 1))
+    assert want_skips > 0 and loader.skipped_windows == want_skips
+    err = capsys.readouterr().err
+    assert f"shard {shard0}: frame 3 (tokens 192..255)" in err and f"shard {shard0}: frame 9 (tokens 576..639)" in err
+    assert "skipped window" in err and "read window" in err

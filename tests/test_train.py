@@ -137,3 +137,46 @@ def test_eval_writes_position_curve(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "foxdist", "eval", "--run-dir", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no config.json" in bad.stderr
+
+
+def test_damaged_frames_fail_unless_skipped(tmp_path):
+    """A damaged shard frame stops training with its file and frame named; data.skip_bad_frames=true (which
+    may be switched on when resuming) trains on with those windows replaced and counts them."""
+    import random
+
+    from foxdist.data.prepare import prepare
+    from foxdist.data.shards import ShardReader
+
+    rnd = random.Random(0)
+    (tmp_path / "in").mkdir()
+    for i in range(30):
+        words = " ".join(rnd.choice(["fox", "gate", "forget", "attention", "decay", "head"]) for _ in range(60))
+        (tmp_path / "in" / f"d{i}.txt").write_text(words + "\n")
+    data = tmp_path / "data"
+    prepare([str(tmp_path / "in" / "*.txt")], str(data), frame_tokens=64, quiet=True)
+    shard = data / json.loads((data / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    with ShardReader(shard) as r:
+        for f in range(0, r.num_frames, 2):  # every other frame: every step meets some
+            off, n = int(r._offsets[f]), int(r._nbytes[f])
+            raw[off + n // 2] ^= 0xFF
+            raw[off + n // 2 + 1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    d = tmp_path / "run"
+    sets = [f"data.source={data}", "data.seq_len=32", "checkpoint.every=1"]
+    run(_cfg(d, *sets, "train.max_steps=1", "data.skip_bad_frames=true"), d)
+    assert _metrics(d)[-1]["data_skipped_windows"] > 0
+    with pytest.raises(ValueError, match=rf"shard {shard}: frame \d+ \(tokens \d+\.\.\d+\) .*data\.skip_bad_frames=true"):
+        run(_cfg(d, *sets, "train.max_steps=2"), d)  # resumes (the flag is not part of the run's identity), then fails
+    assert latest_checkpoint(d).name == "step_00000001"
+    run(_cfg(d, *sets, "train.max_steps=2", "data.skip_bad_frames=true"), d)
+    rows = _metrics(d)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["data_skipped_windows"] > rows[0]["data_skipped_windows"]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_model_vocabulary_smaller_than_the_data_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"tokenizer has 257 tokens but model.vocab_size=200; set --set "
+                                         r"model.vocab_size=257"):
+        run(_cfg(tmp_path / "v", "model.vocab_size=200"), tmp_path / "v")
+    assert latest_checkpoint(tmp_path / "v") is None

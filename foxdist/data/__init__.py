@@ -7,7 +7,7 @@ importing torch (only loader.py needs it).
 from importlib import import_module
 
 _EXPORTS = {
-    "ShardWriter": "shards", "ShardReader": "shards", "ShardError": "shards",
+    "ShardWriter": "shards", "ShardReader": "shards", "ShardError": "shards", "FrameError": "shards",
     "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "prepare": "prepare", "add_prepare_args": "prepare", "run_prepare": "prepare",
     "stdlib_corpus": "stdlib",

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
 from .prepare import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
-from .shards import ShardError, ShardReader
+from .shards import FrameError, ShardError, ShardReader
 
 STATE_VERSION = 1
 
@@ -156,10 +157,18 @@ class WindowLoader:
     ``state_dict()`` counts batches *returned* so far: if a prefetcher pulls
     batches ahead of the training step, save the state that matches the last
     batch actually trained on.
+
+    Damaged frames: by default a window that touches a damaged shard frame raises
+    :class:`~foxdist.data.shards.FrameError` (naming the file and the frame). With
+    ``skip_bad_frames=True`` the window is replaced by the next window in stream
+    order that reads cleanly (a deterministic choice, so resumes stay exact; that
+    window is then seen twice in the epoch), a warning naming the file and frame
+    is printed to stderr, and ``skipped_windows`` counts the replacements (it is
+    part of the saved state).
     """
 
     def __init__(self, dataset: TokenDataset, batch_size: int, seq_len: int, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, skip_bad_frames: bool = False):
         for name, v, lo in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
                             ("dp_size", dp_size, 1), ("seed", seed, 0)):
             if not isinstance(v, (int, np.integer)) or v < lo:
@@ -183,6 +192,9 @@ class WindowLoader:
                 "reduce batch_size, seq_len or the number of data-parallel ranks, or add data")
         self.epoch = 0
         self.step = 0  # batches already returned in the current epoch
+        self.skip_bad_frames = bool(skip_bad_frames)
+        self.skipped_windows = 0  # windows replaced because they touch a damaged frame
+        self.bad_frames: set[tuple[str, int]] = set()  # (shard path, frame) seen damaged by this loader
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
@@ -218,18 +230,44 @@ class WindowLoader:
         # A fresh array per batch: the caller may still hold (or pin) the previous one.
         batch = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
         for row, s in zip(batch, starts):
-            self.dataset.read(int(s), self.seq_len + 1, out=row)
+            self._read_window(int(s) // self.seq_len, row)
         self.step += 1
         if self.step == self.batches_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         return torch.from_numpy(batch)
+
+    def _read_window(self, w: int, out: np.ndarray) -> None:
+        n = self.seq_len + 1
+        try:
+            self.dataset.read(w * self.seq_len, n, out=out)
+            return
+        except FrameError as e:
+            if not self.skip_bad_frames:
+                raise
+            first = e
+        self.bad_frames.add((first.path, first.frame))
+        for k in range(1, self.num_windows):
+            cand = (w + k) % self.num_windows
+            try:
+                self.dataset.read(cand * self.seq_len, n, out=out)
+                break
+            except FrameError as e:
+                self.bad_frames.add((e.path, e.frame))
+        else:
+            raise ShardError(f"every window of {self.dataset!r} touches a damaged frame (first: {first})")
+        self.skipped_windows += 1
+        print(f"foxdist: warning: skipped window {w} (tokens {w * self.seq_len}..{w * self.seq_len + n - 1}): "
+              f"{str(first).split('; ')[0]}; read window {cand} instead (dp rank {self.dp_rank}: "
+              f"{self.skipped_windows} windows skipped, {len(self.bad_frames)} damaged frames seen)",
+              file=sys.stderr, flush=True)
 
     def state_dict(self) -> dict:
         """Small, JSON- and torch.save-friendly dict; all values are int or str."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step,
                 "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "dataset": self.dataset.fingerprint, "num_windows": self.num_windows}
+                "dataset": self.dataset.fingerprint, "num_windows": self.num_windows,
+                "skipped_windows": self.skipped_windows}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume so the next batch equals what an uninterrupted run would produce next.
@@ -260,6 +298,7 @@ class WindowLoader:
             raise ValueError(f"loader state has invalid position epoch={epoch!r} step={step!r} "
                              f"(batches_per_epoch={self.batches_per_epoch})")
         self.epoch, self.step = epoch, step
+        self.skipped_windows = int(state.get("skipped_windows", 0))
 
     def load_state_dict_relayout(self, state: dict) -> str:
         """Resume from a state saved with another dp degree or per-rank batch size.

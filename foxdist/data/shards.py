@@ -61,6 +61,17 @@ class ShardError(ValueError):
     """A shard file is damaged, truncated, of the wrong format, or holds invalid tokens."""
 
 
+class FrameError(ShardError):
+    """One frame of a shard is damaged (the rest of the file is readable): ``path`` and ``frame`` name it."""
+
+    def __init__(self, message: str, path: str, frame: int):
+        super().__init__(message)
+        self.path, self.frame = path, frame
+
+    def __reduce__(self):
+        return FrameError, (str(self), self.path, self.frame)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest on-disk dtype for ``vocab_size``: uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
@@ -242,6 +253,7 @@ class ShardReader:
     def __init__(self, path: str | os.PathLike, cache_frames: int = 32):
         self.path = os.fspath(path)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._bad: dict[int, FrameError] = {}
         self._cache_frames = max(1, int(cache_frames))
         self._lock = threading.Lock()
         # zstd decompression contexts must not be shared between threads.
@@ -320,9 +332,11 @@ class ShardReader:
         a = i * self.frame_tokens
         return a, min(a + self.frame_tokens, self.num_tokens)
 
-    def _frame_error(self, i: int, what: str) -> ShardError:
+    def _frame_error(self, i: int, what: str) -> FrameError:
         a, b = self._frame_range(i)
-        return self._fail(f"frame {i} (tokens {a}..{b - 1}) {what}")
+        return FrameError(f"shard {self.path}: frame {i} (tokens {a}..{b - 1}) {what}; {_REBUILD_HINT} (or set "
+                          f"data.skip_bad_frames=true to train on without the windows that touch damaged frames)",
+                          self.path, i)
 
     def _load_frame(self, i: int) -> np.ndarray:
         """Decompress and validate frame ``i``; returns a read-only token array."""
@@ -352,7 +366,15 @@ class ShardReader:
             if arr is not None:
                 self._cache.move_to_end(i)
                 return arr
-        arr = self._load_frame(i)  # outside the lock: decompression can run concurrently
+            bad = self._bad.get(i)
+        if bad is not None:  # known damaged: fail again without re-reading it
+            raise FrameError(str(bad), bad.path, bad.frame)
+        try:
+            arr = self._load_frame(i)  # outside the lock: decompression can run concurrently
+        except FrameError as e:
+            with self._lock:
+                self._bad[i] = e
+            raise
         with self._lock:
             self._cache[i] = arr
             while len(self._cache) > self._cache_frames:
