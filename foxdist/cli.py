@@ -1,4 +1,4 @@
-"""The ``foxdist`` command: ``foxdist train``, ``prepare``, ``eval`` and ``plot``.
+"""The ``foxdist`` command: ``foxdist train``, ``prepare``, ``eval``, ``plot`` and ``bench``.
 
 Examples::
 
@@ -7,12 +7,27 @@ Examples::
     foxdist eval --run-dir runs/debug-cpu
     foxdist plot runs/debug-cpu runs/debug-cpu_transformer --out compare.png
     foxdist export --run-dir runs/debug-cpu --out model.pt
+    foxdist bench scaling --recipe recipes/debug.py:tiny --cp 1,2 --steps 3 --out runs/scaling-cp
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+def bench_main(argv: list[str]) -> int:
+    """``foxdist bench <benchmark>``: one sub-subcommand per benchmark (only ``scaling`` so far)."""
+    parser = argparse.ArgumentParser(prog="foxdist bench", description="Benchmarks of the real training step.")
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    sub.add_parser("scaling", help="sweep cp/tp degree or sequence length: tokens/s, TFLOP/s, efficiency, "
+                                   "memory, comm bytes to JSON, tensorboard and a PNG", add_help=False)
+    if argv and argv[0] == "scaling":
+        from .bench_scaling import main as scaling_main
+
+        return scaling_main(argv[1:])
+    parser.parse_args(argv)  # prints usage and exits: no benchmark or an unknown one
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         from .reshard import main as export_main
 
         return export_main(argv[1:])
+    sub.add_parser("bench", help="benchmarks: `foxdist bench scaling` (cp/tp/sequence-length sweeps)", add_help=False)
+    if argv and argv[0] == "bench":
+        return bench_main(argv[1:])
     if argv and argv[0] == "eval":
         from .evaluate import main as eval_main
 
