@@ -98,6 +98,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, k
         error = OSError("another rank could not write its part")
     commit_error = None
     if rank == 0:
+        prev = latest_checkpoint(run_dir)
+        renamed = False
+        ptr_tmp = root / f"latest.tmp-{os.getpid()}"
         try:
             if error is not None:
                 raise error
@@ -107,14 +110,23 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, k
             if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            ptr_tmp = root / f"latest.tmp-{os.getpid()}"
+            renamed = True
             ptr_tmp.write_text(name + "\n")
             os.replace(ptr_tmp, root / "latest")
             _fsync_dir(root)
         except OSError as e:
+            # undo: a failed save leaves the run directory as it was (the previous checkpoint latest)
             shutil.rmtree(tmp, ignore_errors=True)
-            commit_error = OSError(f"saving checkpoint {final} failed ({e}); the previous checkpoint "
-                                   f"{latest_checkpoint(run_dir)} is intact")
+            ptr_tmp.unlink(missing_ok=True)
+            if renamed and final != prev:
+                shutil.rmtree(final, ignore_errors=True)
+                if prev is not None and latest_checkpoint(run_dir) != prev:
+                    try:
+                        (root / "latest").write_text(prev.name + "\n")
+                    except OSError:
+                        pass  # latest_checkpoint() falls back to the newest complete checkpoint
+            commit_error = OSError(f"saving checkpoint {final} failed ({e}); the previous checkpoint {prev} is "
+                                   f"intact and stays latest; free space (or fix the error) and rerun to resume")
             commit_error.__cause__ = e
         else:
             _retain(root, keep_last, keep_every)

@@ -10,6 +10,7 @@ import torch
 
 from foxdist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
+
 def _saver(run_dir, ready):
     state = {"w": torch.randn(1_500_000)}  # ~6 MB: a save takes long enough to be interrupted
     step = 0
@@ -79,3 +80,48 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 1
     assert not any(".tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("phase", ["rank_file", "fsync", "meta", "marker", "latest_pointer", "after_rename"])
+def test_disk_full_at_each_phase_of_a_save(tmp_path, monkeypatch, phase):
+    """ENOSPC at each write of a save: a clear OSError, the previous checkpoint stays ``latest`` and loadable,
+    and the next save (space freed) succeeds."""
+    import errno
+    import pathlib
+
+    save_checkpoint(tmp_path, 1, {"step": 1, "w": torch.ones(1000)}, meta={"world_size": 1})
+
+    def enospc():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if phase == "rank_file":
+        def partial_save(obj, f, *a, **k):
+            f.write(b"PK\x03\x04 partial")
+            enospc()
+        monkeypatch.setattr(torch, "save", partial_save)
+    elif phase == "fsync":
+        monkeypatch.setattr(os, "fsync", lambda fd: enospc())
+    elif phase == "after_rename":  # the checkpoint is in place and latest names it; syncing the directory fails
+        import foxdist.checkpoint as ck
+
+        real_sync = ck._fsync_dir
+        monkeypatch.setattr(ck, "_fsync_dir", lambda p: enospc() if p.name == "checkpoints" else real_sync(p))
+    else:
+        target = {"meta": "meta.json", "marker": "COMPLETE", "latest_pointer": "latest.tmp-"}[phase]
+        real = pathlib.Path.write_text
+
+        def write_text(self, *a, **k):
+            if self.name.startswith(target):
+                real(self, "partial")
+                enospc()
+            return real(self, *a, **k)
+        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    with pytest.raises(OSError, match=r"saving checkpoint .*step_00000002 failed \(\[Errno 28\] No space left on "
+                                      r"device\); the previous checkpoint .*step_00000001 is intact and stays latest"):
+        save_checkpoint(tmp_path, 2, {"step": 2, "w": torch.ones(1000)}, meta={"world_size": 1})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 1
+    assert not any(".tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())
+    save_checkpoint(tmp_path, 2, {"step": 2}, meta={"world_size": 1})
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 2
