@@ -101,6 +101,7 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0  # also keep every N-th step forever (0: off)
     resume: bool = True  # resume from the run directory's latest checkpoint when present
+    overwrite: bool = False  # start over in a run dir whose checkpoints are another config's (or resume=false): deletes them
 
 
 @dataclass

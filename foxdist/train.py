@@ -56,21 +56,48 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, Path(run_dir)
 
 
-def _check_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Refuse to resume a run directory whose checkpoints come from a different model or data config."""
+def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """Refuse to resume a run directory whose checkpoints come from a different model or data config.
+
+    Returns True when the directory's old run must be cleared first (``checkpoint.overwrite``).
+    """
     old_file = run_dir / "config.json"
     if not old_file.exists() or latest_checkpoint(run_dir) is None:
-        return
+        return False
     if not cfg.checkpoint.resume:
+        if cfg.checkpoint.overwrite:
+            return True
         raise ValueError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: refusing to "
-                         f"overwrite them; choose a new --run-dir or remove {run_dir / 'checkpoints'}")
+                         f"overwrite them; choose a new --run-dir, set checkpoint.overwrite=true to delete them "
+                         f"and start over, or remove {run_dir / 'checkpoints'}")
     old = json.loads(old_file.read_text())
     new = cfg.to_dict()
     diffs = [f"{s}.{k}: {old[s].get(k)!r} -> {v!r}" for s in _IDENTITY_SECTIONS
              for k, v in new[s].items() if old.get(s, {}).get(k) != v and (s, k) not in _NOT_IDENTITY]
+    if diffs and cfg.checkpoint.overwrite:
+        return True
     if diffs:
         raise ValueError(f"run directory {run_dir} holds checkpoints of a different config ({'; '.join(diffs)}); "
-                         f"use a new --run-dir, or restore the original settings to resume")
+                         f"use a new --run-dir, restore the original settings to resume, or set "
+                         f"checkpoint.overwrite=true to delete the old run's checkpoints and metrics and start over")
+    return False
+
+
+def _clear_run_dir(run_dir: Path) -> list[str]:
+    """Remove an old run's checkpoints, metrics and tensorboard events (``checkpoint.overwrite``)."""
+    import shutil
+
+    gone = []
+    for name in ("checkpoints", "metrics.jsonl", "tb", "eval", "deepspeed_config.json"):
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        gone.append(name)
+    return gone
 
 
 class Trainer:
@@ -430,12 +457,19 @@ def run(cfg: Config, run_dir: Path) -> dict:
     rt = init_runtime(cfg.train.device, cfg.parallel.backend, cfg.parallel.timeout_s)
     derived = derive(cfg, rt.world_size)  # validate before touching data or devices
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_dir(cfg, run_dir)
+    clear = _check_run_dir(cfg, run_dir)
+    if rt.distributed:
+        dist.barrier()  # every rank has looked at the old run before rank 0 may delete it
+    if clear and rt.is_main:
+        print(f"foxdist: checkpoint.overwrite=true: removed {', '.join(_clear_run_dir(run_dir))} of the old run in "
+              f"{run_dir}", flush=True)
     if rt.is_main:
         write_config(cfg, derived, run_dir / "config.json")
         print(f"foxdist: recipe {cfg.recipe}, world {rt.world_size} (tp {derived.tp} cp {derived.cp} dp "
               f"{derived.dp}), device {rt.device}, {derived.tokens_per_step:,} tokens/step, "
               f"grad accumulation {derived.grad_accum}; run dir {run_dir}", flush=True)
+    if rt.distributed:
+        dist.barrier()  # no rank looks for checkpoints before an overwrite has removed them
     trainer = None
     try:
         trainer = Trainer(cfg, run_dir, rt)

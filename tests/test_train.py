@@ -98,6 +98,14 @@ def test_resume_refuses_other_model(tmp_path):
         run(_cfg(d, "train.max_steps=2", "model.d_model=96"), d)
     with pytest.raises(ValueError, match="refusing to overwrite"):
         run(_cfg(d, "train.max_steps=2", "checkpoint.resume=false"), d)
+    # told to overwrite: the old run's checkpoints and metrics go, the new config trains from step 0
+    run(_cfg(d, "train.max_steps=2", "model.d_model=96", "checkpoint.overwrite=true"), d)
+    assert [r["step"] for r in _metrics(d)] == [1, 2]
+    assert sorted(p.name for p in (d / "checkpoints").glob("step_*")) == ["step_00000002"]  # the old step 1 is gone
+    assert load_checkpoint(latest_checkpoint(d))["model"]["embed.weight"].shape[1] == 96
+    # and the same config with overwrite=true resumes (a requeued job keeps its checkpoints)
+    run(_cfg(d, "train.max_steps=3", "model.d_model=96", "checkpoint.overwrite=true"), d)
+    assert [r["step"] for r in _metrics(d)] == [1, 2, 3]
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
