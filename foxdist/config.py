@@ -75,6 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 0  # 0: no periodic validation
     max_skipped_steps: int = 5  # consecutive non-finite steps before stopping
+    loss_spike_factor: float = 2.0  # log a loss spike when loss > factor x its running mean (0: off)
     compile: bool = False  # torch.compile each block (fuses the norms, gates and token shift around attention)
 
 

@@ -123,6 +123,8 @@ def full_state(path: Path, cfg: Config | None = None, *, optimizer: bool = True)
     model = {n: _unshard([p["model"][n] for p in parts], s) for n, s in splits.items()}
     out = {"model": model, "meta": meta, "step": parts[0]["step"], "loader": parts[0]["loader"],
            "skipped_total": parts[0].get("skipped_total", 0), "splits": splits}
+    if "loss_spikes" in parts[0]:
+        out["loss_spikes"] = parts[0]["loss_spikes"]
     if not optimizer:
         return out
     names = lay["param_names"]

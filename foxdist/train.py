@@ -100,6 +100,39 @@ def _clear_run_dir(run_dir: Path) -> list[str]:
     return gone
 
 
+class LossSpikeMonitor:
+    """Flags steps whose loss exceeds ``factor`` times the running mean (an EMA over ~``1/(1-beta)`` steps).
+
+    Checks start after ``warmup`` finite losses; spikes do not enter the mean (so a run of spikes keeps being
+    flagged); non-finite losses are the skip logic's business and are ignored here.
+    """
+
+    warmup = 10
+
+    def __init__(self, factor: float, beta: float = 0.95):
+        self.factor, self.beta = factor, beta
+        self.mean, self.seen, self.spikes = 0.0, 0, 0
+
+    def update(self, loss: float) -> float | None:
+        """Feed a step's loss; returns the running mean it exceeded when it is a spike, else None."""
+        if not self.factor or not math.isfinite(loss):
+            return None
+        if self.seen >= self.warmup and loss > self.factor * self.mean:
+            self.spikes += 1
+            return self.mean
+        self.seen += 1
+        # bias-corrected EMA: the plain mean over the first steps, then an EMA
+        w = max(1.0 - self.beta, 1.0 / self.seen)
+        self.mean += w * (loss - self.mean)
+        return None
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "seen": self.seen, "spikes": self.spikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.seen, self.spikes = state["mean"], state["seen"], state["spikes"]
+
+
 class Trainer:
     """Single-model training loop: accumulation, clipping, skip on non-finite, eval, checkpoints."""
 
@@ -166,6 +199,7 @@ class Trainer:
         self.step = 0
         self.skipped_total = 0
         self.load_note = ""
+        self.spikes = LossSpikeMonitor(cfg.train.loss_spike_factor)
         self.consecutive_skips = 0
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak = peak_flops(rt.device)
@@ -206,7 +240,7 @@ class Trainer:
         """This rank's checkpoint part: RNG and loader always; model and optimizer on replica 0 only
         (data-parallel replicas are identical, so the other ranks need not write them again)."""
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(),
-                 "skipped_total": self.skipped_total}
+                 "skipped_total": self.skipped_total, "loss_spikes": self.spikes.state_dict()}
         if self.engine is None and self.rt.rank == self._replica_rank:
             from .reshard import param_layout
 
@@ -232,6 +266,8 @@ class Trainer:
         set_rng_state(own["rng"])
         self.step = own["step"]
         self.skipped_total = own.get("skipped_total", 0)
+        if "loss_spikes" in own:
+            self.spikes.load_state_dict(own["loss_spikes"])
 
     def _load_resharded(self, path: Path, meta: dict) -> None:
         """Resume from a checkpoint written with another (tp, cp, dp): see :mod:`foxdist.reshard`."""
@@ -252,6 +288,8 @@ class Trainer:
         set_rng_state(load_checkpoint(path, rng_rank)["rng"])
         self.step = full["step"]
         self.skipped_total = full["skipped_total"]
+        if "loss_spikes" in full:
+            self.spikes.load_state_dict(full["loss_spikes"])
         self.load_note = (f"resharded checkpoint {path.name} from {layout_str(meta)} to {layout_str(layout)}: "
                           f"model and AdamW state re-split over tp={layout['tp']}; {data_note}")
 
@@ -412,6 +450,13 @@ class Trainer:
                     m["mfu"] = self.flops_per_token * tps / rt.world_size / self.peak
                 if cfg.data.skip_bad_frames:
                     m["data_skipped_windows"] = self._data_skipped_windows()
+                spike_mean = self.spikes.update(m["loss"])
+                if cfg.train.loss_spike_factor:
+                    m["loss_spikes"] = self.spikes.spikes
+                if spike_mean is not None:
+                    log.message(f"loss spike at step {self.step}: loss {m['loss']:.4f} is "
+                                f"{m['loss'] / spike_mean:.1f}x the running mean {spike_mean:.4f} (grad norm "
+                                f"{m['grad_norm']:.3g}, lr {m['lr']:.3g}); {self.spikes.spikes} spikes so far")
                 if rt.device.type == "cuda":
                     m["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
                 log.log(self.step, m)

@@ -188,3 +188,39 @@ def test_model_vocabulary_smaller_than_the_data_is_refused(tmp_path):
                                          r"model.vocab_size=257"):
         run(_cfg(tmp_path / "v", "model.vocab_size=200"), tmp_path / "v")
     assert latest_checkpoint(tmp_path / "v") is None
+
+
+def test_loss_spike_monitor():
+    from foxdist.train import LossSpikeMonitor
+
+    mon = LossSpikeMonitor(2.0)
+    assert [mon.update(x) for x in [5.0, 4.0, 3.0] + [2.5] * 7] == [None] * 10  # warm-up: no checks
+    assert mon.update(4.9) is None and mon.update(float("nan")) is None
+    mean = mon.mean
+    assert mon.update(2.01 * mean) == mean and mon.spikes == 1
+    assert mon.mean == mean  # a spike does not raise the bar for the next one
+    assert mon.update(3 * mean) == mean and mon.spikes == 2
+    state = mon.state_dict()
+    again = LossSpikeMonitor(2.0)
+    again.load_state_dict(state)
+    assert again.update(1.0) is None and again.spikes == 2 and again.seen == mon.seen + 1
+    assert LossSpikeMonitor(0.0).update(1e9) is None
+
+
+def test_loss_spike_is_logged(tmp_path, monkeypatch, capsys):
+    from foxdist.train import LossSpikeMonitor, Trainer
+
+    monkeypatch.setattr(LossSpikeMonitor, "warmup", 2)
+    step = Trainer.train_step
+
+    def spiky(self):
+        m = step(self)
+        if self.step == 3:
+            m["loss"] *= 10
+        return m
+
+    monkeypatch.setattr(Trainer, "train_step", spiky)
+    d = tmp_path / "spike"
+    run(_cfg(d, "train.max_steps=3"), d)
+    assert [r["loss_spikes"] for r in _metrics(d)] == [0, 0, 1]
+    assert "loss spike at step 3: loss" in capsys.readouterr().out
