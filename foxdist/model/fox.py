@@ -204,11 +204,12 @@ class FoxLM(nn.Module):
     def hidden_states(self, tokens, seq=_LOCAL, cu_seqlens=None):
         x = self.embed(tokens)
         stats = self.acp_stats if self.cfg.arch == "fox" else None
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
+            st = stats.for_layer(i) if stats is not None else None  # per-layer traffic, shared tile counts
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(blk, x, seq, cu_seqlens, stats, use_reentrant=False)
+                x = checkpoint(blk, x, seq, cu_seqlens, st, use_reentrant=False)
             else:
-                x = blk(x, seq, cu_seqlens, stats)
+                x = blk(x, seq, cu_seqlens, st)
         return self.norm_f(x)
 
     def forward(self, tokens, targets=None, *, seq=_LOCAL, cu_seqlens=None, reduction: str = "mean"):

@@ -25,15 +25,40 @@ DEFAULT_EPS = math.exp(-10.0)
 
 
 @dataclass
+class CommCounters:
+    """Context-parallel traffic of one attention layer (this rank), summed over calls.
+
+    ``bytes_sent``/``bytes_recv`` count the buffers actually posted to P2P sends and receives;
+    ``dense_bytes`` is what the dense one-way ring would have sent from this rank for the same calls;
+    ``transfers_skipped`` counts (this rank -> peer) transfers that causality required but ACP made
+    unnecessary, so they were never posted.
+    """
+
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    transfers: int = 0
+    transfers_skipped: int = 0
+    dense_bytes: int = 0
+
+    def add(self, other: "CommCounters") -> None:
+        for f in ("bytes_sent", "bytes_recv", "transfers", "transfers_skipped", "dense_bytes"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+
+@dataclass
 class AcpStats:
     """Counters of (batch, head, query tile, key tile) work items; mutable, summed across calls.
 
-    ``tiles_total`` counts tiles inside the causal/document mask, ``tiles_pruned`` the ones skipped.
+    ``tiles_total`` counts tiles inside the causal/document mask, ``tiles_pruned`` the ones skipped
+    (by the kernels, or by the context-parallel exchange that never fetched their keys). ``comm``
+    holds context-parallel traffic per layer (:class:`CommCounters`, key ``None`` when the caller
+    gave no layer); :meth:`for_layer` gives the view a layer passes down.
     """
 
     tiles_total: int = 0
     tiles_pruned: int = 0
     extra: dict = field(default_factory=dict)
+    comm: dict = field(default_factory=dict)
 
     @property
     def pruned_fraction(self) -> float:
@@ -42,6 +67,33 @@ class AcpStats:
     def reset(self) -> None:
         self.tiles_total = 0
         self.tiles_pruned = 0
+        self.comm.clear()
+
+    def counters(self) -> CommCounters:
+        return self.comm.setdefault(None, CommCounters())
+
+    def for_layer(self, layer: int) -> "LayerStats":
+        return LayerStats(self, layer)
+
+    def comm_total(self) -> CommCounters:
+        total = CommCounters()
+        for c in self.comm.values():
+            total.add(c)
+        return total
+
+
+class LayerStats:
+    """One layer's view of an :class:`AcpStats`: tile counts go to the shared totals, traffic to the
+    layer's own :class:`CommCounters`."""
+
+    def __init__(self, parent: AcpStats, layer: int):
+        self.parent, self.layer = parent, layer
+
+    tiles_total = property(lambda s: s.parent.tiles_total, lambda s, v: setattr(s.parent, "tiles_total", v))
+    tiles_pruned = property(lambda s: s.parent.tiles_pruned, lambda s, v: setattr(s.parent, "tiles_pruned", v))
+
+    def counters(self) -> CommCounters:
+        return self.parent.comm.setdefault(self.layer, CommCounters())
 
 
 def acp_threshold(eps: float, bound: torch.Tensor | float, n: int) -> torch.Tensor:

@@ -37,11 +37,13 @@ import torch.distributed as dist
 from ..ops.acp import acp_threshold
 from ..ops.attention import IMPLS, forgetting_attention
 from ..ops.block import DEFAULT_TILE
+from .exchange import DEFAULT_SEGMENTS, AcpExchangeAttention
 from .layout import Layout, all_gather_stack, gather as _gather, prev_token as _prev_token
 from .ring import RingAttention, RingComm, RingPlan, block_fns
 from .ulysses import UlyssesComm, heads_to_seq, seq_to_heads
 
 MODES = ("ring", "ulysses", "hybrid")
+EXCHANGES = ("acp", "ring")
 
 
 class _AllReduceIdentityBwd(torch.autograd.Function):
@@ -67,14 +69,24 @@ class CPContext:
         mode: ``"ring"``, ``"ulysses"`` or ``"hybrid"``.
         ulysses_degree: Ulysses group size; ``1`` for ring, the cp size (or 1, meaning "all") for
             ulysses, a proper divisor of the cp size (> 1) for hybrid.
+        exchange: how ring/hybrid attention moves keys when ACP is on: ``"acp"`` (default: the
+            need-table exchange of :mod:`foxdist.parallel.exchange`, which never sends pruned blocks)
+            or ``"ring"`` (the dense one-way ring, also used whenever ACP is off).
+        segments: rows of a key chunk are sent in ``segments`` tails (ACP exchange granularity).
 
     Construction is collective on all ranks of ``cp_group`` (the ranks check that they agree on the
     configuration).
     """
 
-    def __init__(self, cp_group=None, layout: str = "zigzag", mode: str = "ring", ulysses_degree: int = 1):
+    def __init__(self, cp_group=None, layout: str = "zigzag", mode: str = "ring", ulysses_degree: int = 1,
+                 exchange: str = "acp", segments: int = DEFAULT_SEGMENTS):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        if segments < 1:
+            raise ValueError(f"segments (key-row granularity of the ACP exchange) must be >= 1, got {segments}")
+        self.exchange, self.segments = exchange, segments
         if cp_group is None or not dist.is_available() or not dist.is_initialized():
             self.group, self.world, self.rank = None, 1, 0
         else:
@@ -117,10 +129,12 @@ class CPContext:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
             else torch.device("cpu")
         code = torch.tensor([("contiguous", "zigzag").index(self.layout_kind), MODES.index(self.mode),
-                             self.ulysses_degree], dtype=torch.int64, device=device)
+                             self.ulysses_degree, EXCHANGES.index(self.exchange), self.segments],
+                            dtype=torch.int64, device=device)
         out = all_gather_stack(code, self.group, self.world)
         if not bool((out == code).all()):
-            raise ValueError(f"ranks of the cp group disagree on (layout, mode, ulysses_degree): {out.tolist()}")
+            raise ValueError(f"ranks of the cp group disagree on (layout, mode, ulysses_degree, exchange, segments): "
+                             f"{out.tolist()}")
 
     # ------------------------------------------------------------------ token layout and helpers
     @property
@@ -194,7 +208,7 @@ class CPContext:
 
     def __repr__(self):
         return (f"CPContext(world={self.world}, rank={self.rank}, layout={self.layout_kind!r}, mode={self.mode!r}, "
-                f"ulysses_degree={self.ulysses_degree})")
+                f"ulysses_degree={self.ulysses_degree}, exchange={self.exchange!r})")
 
 
 class CPSequence:
@@ -263,7 +277,8 @@ def _global_bound(q, k, scale, ctx: CPContext):
 
 def context_parallel_attention(q, k, v, g, ctx: CPContext, *, scale: float | None = None,
                                cu_seqlens: torch.Tensor | None = None, acp_eps: float | None = None,
-                               acp_bound=None, tile: int = DEFAULT_TILE, stats=None, impl: str | None = None):
+                               acp_bound=None, tile: int = DEFAULT_TILE, stats=None, impl: str | None = None,
+                               exchange_info: dict | None = None):
     """This rank's part of ``forgetting_attention`` on the full (sharded) sequence.
 
     Args:
@@ -280,6 +295,8 @@ def context_parallel_attention(q, k, v, g, ctx: CPContext, *, scale: float | Non
         stats: optional :class:`foxdist.ops.AcpStats` (this rank's tile counts).
         impl: ``"auto"`` (Triton kernels on CUDA when ``foxkernels`` imports), ``"reference"`` (PyTorch)
             or ``"triton"``; default from ``$FOXDIST_ATTENTION_IMPL`` as in ``forgetting_attention``.
+        exchange_info: optional dict; the ACP exchange stores its
+            :class:`foxdist.parallel.exchange.ExchangePlan` under ``"plan"``.
     Returns:
         ``o [B, T_local, H, D]`` in q's dtype; differentiable in q, k, v and g.
     """
@@ -290,8 +307,10 @@ def context_parallel_attention(q, k, v, g, ctx: CPContext, *, scale: float | Non
                                     acp_bound=acp_bound, tile=tile, stats=stats, impl=impl)
     b, _, h, _ = q.shape
     u = ctx.ulysses_degree
+    # the ACP exchange gathers the norms with its gate table (one collective for both)
+    use_exchange = acp_eps is not None and ctx.mode != "ulysses" and ctx.exchange == "acp"
     bound = None
-    if acp_eps is not None:
+    if acp_eps is not None and not (use_exchange and acp_bound is None):
         bound = _global_bound(q, k, scale, ctx) if acp_bound is None else \
             torch.as_tensor(acp_bound, dtype=torch.float64, device=q.device).expand(b, h)
         hs = h // u
@@ -306,10 +325,14 @@ def context_parallel_attention(q, k, v, g, ctx: CPContext, *, scale: float | Non
                                  acp_bound=bound, acp_n=t, tile=tile, stats=stats, impl=impl)
     else:
         plan = ctx.plan(t, None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()])
-        delta = None if acp_eps is None else acp_threshold(acp_eps, bound, t).to(q.device)
         impl = impl or os.environ.get("FOXDIST_ATTENTION_IMPL", "auto")
         if impl not in IMPLS:
             raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
         fns = block_fns(q.device, impl)
-        o = RingAttention.apply(q, k, v, g, ctx.ring_comm, plan, scale, delta, tile, stats, fns)
+        if use_exchange:
+            o = AcpExchangeAttention.apply(q, k, v, g, ctx.ring_comm, plan, scale, acp_eps, bound, t, tile,
+                                           ctx.segments, stats, fns, exchange_info)
+        else:
+            delta = None if acp_eps is None else acp_threshold(acp_eps, bound, t).to(q.device)
+            o = RingAttention.apply(q, k, v, g, ctx.ring_comm, plan, scale, delta, tile, stats, fns)
     return heads_to_seq(o, ctx.ulysses_comm) if u > 1 else o

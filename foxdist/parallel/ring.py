@@ -43,6 +43,7 @@ the document spanning both chunks) and the block primitive runs on those unchang
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -150,8 +151,19 @@ class RingComm:
         self.globals = [dist.get_global_rank(group, m) if group is not None else m for m in members] \
             if group_size > 1 else members
 
-    def exchange(self, sends, recvs):
-        """Post matched P2P ops: ``sends``/``recvs`` are lists of ``(tensor, ring_peer, tag)``."""
+    def exchange(self, sends, recvs, counters=None, dense: bool = False):
+        """Post matched P2P ops: ``sends``/``recvs`` are lists of ``(tensor, ring_peer, tag)``.
+
+        ``counters`` (a :class:`foxdist.ops.CommCounters`) adds the posted bytes; ``dense`` marks
+        traffic of the dense ring itself (also counted as its ``dense_bytes``).
+        """
+        if counters is not None:
+            sent = sum(t.numel() * t.element_size() for t, _, _ in sends)
+            counters.bytes_sent += sent
+            counters.bytes_recv += sum(t.numel() * t.element_size() for t, _, _ in recvs)
+            counters.transfers += len(sends)
+            if dense:
+                counters.dense_bytes += sent
         ops = [dist.P2POp(dist.isend, t, self.globals[p], self.group, tag) for t, p, tag in sends]
         ops += [dist.P2POp(dist.irecv, t, self.globals[p], self.group, tag) for t, p, tag in recvs]
         return _Pending(dist.batch_isend_irecv(ops) if ops else [], [t for t, _, _ in sends])
@@ -179,13 +191,20 @@ def _wait(reqs):
     reqs.wait()
 
 
+def buffer_layout(specs) -> tuple[list, int]:
+    """Byte layout of ``(shape, dtype)`` pieces in one buffer (16-byte aligned): ``(meta, total)``.
+    Both ends of a transfer derive it from the same specs, so no sizes travel."""
+    meta, off = [], 0
+    for shape, dtype in specs:
+        nb = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        meta.append((tuple(shape), dtype, off, nb))
+        off += -(-nb // 16) * 16
+    return meta, off
+
+
 def pack(tensors: list[torch.Tensor]):
     """Concatenate tensors of any dtypes into one uint8 buffer (16-byte aligned pieces)."""
-    meta, off = [], 0
-    for t in tensors:
-        nb = t.numel() * t.element_size()
-        meta.append((tuple(t.shape), t.dtype, off, nb))
-        off += -(-nb // 16) * 16
+    meta, off = buffer_layout([(t.shape, t.dtype) for t in tensors])
     buf = torch.empty(off, dtype=torch.uint8, device=tensors[0].device)
     for t, (_, _, o, nb) in zip(tensors, meta):
         buf[o:o + nb].copy_(t.contiguous().view(-1).view(torch.uint8))
@@ -261,13 +280,14 @@ class RingAttention(torch.autograd.Function):
         nloc = t // n
         o = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full((b, t, h), float("-inf"), dtype=acc, device=q.device)
+        counters = stats.counters() if stats is not None else None
         cur, meta = pack([k, v, ckr])
         spare = torch.empty_like(cur)
         for s in range(plan.steps):
             p = (me - s) % w
             sends = [(cur, (me + 1) % w, TAG_KV)] if plan.holds(me, s) and s < plan.last[p] else []
             recvs = [(spare, (me - 1) % w, TAG_KV)] if plan.holds(me, s + 1) else []
-            reqs = comm.exchange(sends, recvs)
+            reqs = comm.exchange(sends, recvs, counters, dense=True)
             if plan.holds(me, s) and (me, p) in plan.pairs:
                 kb, vb, ckb = unpack(cur, meta)
                 for ia, ib, a, bb, blocks in plan.pairs[(me, p)]:
@@ -282,13 +302,13 @@ class RingAttention(torch.autograd.Function):
                 cur, spare = spare, cur
         out = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, g, out, lse)
-        ctx.cfg = (comm, plan, scale, acp_delta, tile, nloc, fns)
+        ctx.cfg = (comm, plan, scale, acp_delta, tile, nloc, fns, counters)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, o, lse = ctx.saved_tensors
-        comm, plan, scale, acp_delta, tile, nloc, fns = ctx.cfg
+        comm, plan, scale, acp_delta, tile, nloc, fns, counters = ctx.cfg
         _, bwd = fns
         me, w, n = comm.me, comm.size, plan.chunk_len
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -312,7 +332,7 @@ class RingAttention(torch.autograd.Function):
             holds = plan.holds(me, s)
             sends = [(cur, (me + 1) % w, TAG_KV)] if holds and s < plan.last[p] else []
             recvs = [(spare, (me - 1) % w, TAG_KV)] if plan.holds(me, s + 1) else []
-            reqs = comm.exchange(sends, recvs)
+            reqs = comm.exchange(sends, recvs, counters, dense=True)
             dkv = None
             if holds:
                 dk_s, dv_s, dc_s = [z.clone() for z in zero_dkv]
@@ -356,7 +376,7 @@ class RingAttention(torch.autograd.Function):
             if s == plan.last[me] and s > 0:
                 home_buf = torch.empty(dbytes, dtype=torch.uint8, device=q.device)
                 drecvs.append((home_buf, (me + s) % w, TAG_HOME))
-            dreqs = comm.exchange(dsends, drecvs)
+            dreqs = comm.exchange(dsends, drecvs, counters, dense=True)
             if nxt is not None:
                 incoming = (nxt, dreqs)
             pending.append(dreqs)

@@ -325,11 +325,12 @@ class TPFoxLM(nn.Module):
         if not self.sp:
             x = x.transpose(0, 1).contiguous()
         stats = self.acp_stats if self.cfg.arch == "fox" else None
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
+            st = stats.for_layer(i) if stats is not None else None  # per-layer traffic, shared tile counts
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(blk, x, seq, cu_seqlens, stats, use_reentrant=False)
+                x = checkpoint(blk, x, seq, cu_seqlens, st, use_reentrant=False)
             else:
-                x = blk(x, seq, cu_seqlens, stats)
+                x = blk(x, seq, cu_seqlens, st)
         return self.norm_f(x)
 
     def forward(self, tokens, targets=None, *, seq=_LOCAL, cu_seqlens=None, reduction: str = "mean"):
