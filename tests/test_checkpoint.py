@@ -42,6 +42,7 @@ def test_sigkill_during_save_leaves_a_loadable_latest(tmp_path):
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == ckpt.name
         survived += 1
     assert survived == kills
+    print(f"SIGKILL during save: {kills} kills, {mid_save} mid-save, {survived} left a loadable latest")
     assert mid_save >= 5, f"only {mid_save} of {kills} kills interrupted a save: the test lost its teeth"
     # the next save removes whatever temp directory a kill left behind
     save_checkpoint(run_dir, 10_000, {"step": 10_000}, keep_last=1)

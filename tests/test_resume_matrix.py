@@ -4,7 +4,8 @@ One spawn of 2 gloo ranks trains the tiny recipe in-process under several layout
 (a torchrun launch per configuration would cost ~10 s each on 2 cores):
 
 - resume matrix: 2N steps straight (checkpoint at N) against N + resume + N, for dp=2, cp=2 (zigzag
-  ring), DeepSpeed ZeRO-1 and ZeRO-3 (dp=2): bitwise equal losses, gradient norms and final weights;
+  ring), tp=2, DeepSpeed ZeRO-1 and ZeRO-3 (dp=2): bitwise equal losses, gradient norms and final weights
+  (single process, tp=2 x cp=2 and ZeRO-2 are in test_train.py and test_train_parallel.py);
 - resharding: a checkpoint written with one layout resumes under another (tp=2 -> cp=2, tp=2 -> dp=2,
   dp=2 -> tp=2, one process -> tp=2; here in the parent: tp=2 -> one process): the next steps'
   losses equal the saved layout's own continuation within fp32 tolerance;
@@ -42,7 +43,7 @@ LAYOUTS = {
     "zero1": ["parallel.zero_stage=1"],
     "zero3": ["parallel.zero_stage=3"],
 }
-RESUME = ["dp2", "cp2"] + (["zero1", "zero3"] if HAVE_DS else [])
+RESUME = ["dp2", "cp2", "tp2"] + (["zero1", "zero3"] if HAVE_DS else [])
 RESHARD = [("tp2", "cp2"), ("tp2", "dp2"), ("dp2", "tp2"), ("single", "tp2")]
 
 
@@ -77,6 +78,7 @@ def _fit(rank, world, run_dir, sets):
         write_config(cfg, derive(cfg, world), run_dir / "config.json")
     dist.barrier()
     rt = Runtime(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), distributed=True)
+    linear = torch.nn.functional.linear
     trainer = Trainer(cfg, run_dir, rt)
     try:
         trainer.fit()
@@ -84,6 +86,9 @@ def _fit(rank, world, run_dir, sets):
         dist.barrier()
     finally:
         trainer.dims.destroy_groups()
+        # a DeepSpeed ZeRO-3 engine replaces F.linear process-wide ("persists unless manually reset"), which
+        # changes the rounding of every later model in this process
+        torch.nn.functional.linear = linear
     return {"rows": _rows(run_dir), "weights": weights} if rank == 0 else None
 
 
