@@ -48,6 +48,8 @@ class ParallelConfig:
     cp_layout: str = "zigzag"  # "zigzag" or "contiguous"
     cp_mode: str = "ring"  # "ring", "ulysses" or "hybrid"
     ulysses_degree: int = 1
+    cp_exchange: str = "acp"  # with ACP on: "acp" (never send pruned key blocks) or "ring" (dense one-way ring)
+    cp_exchange_segments: int = 4  # key rows of a chunk are sent in this many tails (ACP exchange granularity)
     sequence_parallel: bool = False
     zero_stage: int = 0  # DeepSpeed ZeRO stage; 0 = plain data parallel
     backend: str = "auto"  # "auto" (nccl on GPU, gloo on CPU), "nccl", "gloo"
@@ -153,6 +155,7 @@ _CHOICES = {
     ("model", "arch"): ("fox", "transformer"),
     ("parallel", "cp_layout"): ("zigzag", "contiguous"),
     ("parallel", "cp_mode"): ("ring", "ulysses", "hybrid"),
+    ("parallel", "cp_exchange"): ("acp", "ring"),
     ("parallel", "backend"): ("auto", "nccl", "gloo"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
@@ -294,7 +297,7 @@ def derive(cfg: Config, world_size: int = 1) -> Derived:
         val = getattr(getattr(cfg, sec), key)
         if val not in choices:
             raise ValueError(f"{sec}.{key}={val!r} is not one of {choices}")
-    for name in ("tp", "cp", "ulysses_degree"):
+    for name in ("tp", "cp", "ulysses_degree", "cp_exchange_segments"):
         if getattr(p, name) < 1:
             raise ValueError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     if world_size % (p.tp * p.cp):

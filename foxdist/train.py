@@ -133,6 +133,21 @@ class LossSpikeMonitor:
         self.mean, self.seen, self.spikes = state["mean"], state["seen"], state["spikes"]
 
 
+def comm_metrics(stats) -> dict:
+    """This rank's context-parallel traffic of the step (ring or ACP exchange, forward + backward,
+    activation-checkpointing recomputation included): totals and per layer."""
+    if not stats.comm:
+        return {}
+    tot = stats.comm_total()
+    out = {"cp.bytes_sent": tot.bytes_sent, "cp.bytes_recv": tot.bytes_recv, "cp.transfers": tot.transfers,
+           "cp.transfers_skipped": tot.transfers_skipped,
+           "cp.bytes_vs_dense_ring": tot.bytes_sent / tot.dense_bytes if tot.dense_bytes else None}
+    for layer, c in sorted((k, v) for k, v in stats.comm.items() if k is not None):
+        out[f"cp.layer{layer}.bytes_sent"] = c.bytes_sent
+        out[f"cp.layer{layer}.bytes_recv"] = c.bytes_recv
+    return out
+
+
 class Trainer:
     """Single-model training loop: accumulation, clipping, skip on non-finite, eval, checkpoints."""
 
@@ -179,7 +194,8 @@ class Trainer:
             from .parallel.context import CPContext
 
             p = cfg.parallel
-            self.cp = CPContext(self.dims.cp_group, layout=p.cp_layout, mode=p.cp_mode, ulysses_degree=p.ulysses_degree)
+            self.cp = CPContext(self.dims.cp_group, layout=p.cp_layout, mode=p.cp_mode, ulysses_degree=p.ulysses_degree,
+                                exchange=p.cp_exchange, segments=p.cp_exchange_segments)
             self.seq = self.cp.sequence()
         self.ddp = self.engine = self.opt = None
         if cfg.parallel.zero_stage > 0:
@@ -385,8 +401,9 @@ class Trainer:
             self.consecutive_skips = 0
         self.step += 1
         st = self.model.acp_stats
-        return {"loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "skipped_steps": self.skipped_total,
-                "acp_pruned_fraction": st.pruned_fraction if self.cfg.kernels.acp_eps is not None else None}
+        out = {"loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "skipped_steps": self.skipped_total,
+               "acp_pruned_fraction": st.pruned_fraction if self.cfg.kernels.acp_eps is not None else None}
+        return out | comm_metrics(st)
 
     def _engine_step(self, lr: float) -> dict:
         """One optimizer step through DeepSpeed: it divides by the accumulation count, averages over

@@ -127,3 +127,17 @@ def test_dead_rank_stops_the_job_with_its_name(tmp_path):
     assert "rank      : 1" in err and "Signal 9 (SIGKILL)" in err, err[-3000:]
     ckpt = latest_checkpoint(run_dir)
     assert load_checkpoint(ckpt, 0)["step"] >= 2 and load_checkpoint(ckpt, 1)["step"] >= 2
+
+
+def test_cp2_with_acp_exchange_logs_traffic(tmp_path):
+    """cp=2 with ACP: the need-table exchange trains like one process with the same eps, and the
+    trainer logs this rank's traffic (totals, per layer, ratio to the dense ring) every step."""
+    acp = "kernels.acp_eps=4.54e-5"
+    ref = _train(tmp_path / "one", 1, acp)
+    rows = _train(tmp_path / "cp", 2, "parallel.cp=2", "parallel.cp_exchange=acp", acp)
+    n_layers = json.loads((tmp_path / "cp" / "config.json").read_text())["model"]["n_layers"]
+    for a, b in zip(ref, rows):
+        assert abs(a["loss"] - b["loss"]) <= 2e-5 * a["loss"], (a["loss"], b["loss"])
+        assert b["cp.bytes_sent"] > 0 and b["cp.bytes_recv"] > 0
+        assert 0 < b["cp.bytes_vs_dense_ring"] <= 1.0, b
+        assert sum(b[f"cp.layer{i}.bytes_sent"] for i in range(n_layers)) == b["cp.bytes_sent"]
