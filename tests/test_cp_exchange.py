@@ -143,6 +143,32 @@ def check_model_metrics(rank, world, layout="zigzag"):
             "dense": [_sum(comm[i].dense_bytes) for i in sorted(comm)]}
 
 
+def check_triton_blocks(rank, world, layout="zigzag", t=128):
+    """The exchange with the Triton block kernels (interpreter): head subsets and row tails reach the
+    kernels as the reference blocks get them; results equal the dense ring's with the same kernels."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # before foxkernels is first imported in this process
+    import torch.distributed as dist
+
+    from foxdist.parallel.context import CPContext, context_parallel_attention
+
+    q, k, v, g, do = (x.float() for x in _inputs(3, t, 4, 2, d=16, rates=[2.0, 3.0, 1e-4, 1e-4]))
+    outs, sent = {}, {}
+    for ex in ("ring", "acp"):
+        from foxdist.ops import AcpStats
+
+        ctx = CPContext(dist.group.WORLD, layout=layout, exchange=ex, segments=2)
+        loc = [ctx.shard(x).requires_grad_() for x in (q, k, v, g)]
+        stats = AcpStats()
+        o = context_parallel_attention(*loc, ctx, acp_eps=ACP_EPS, tile=16, stats=stats, impl="triton")
+        (o * ctx.shard(do)).sum().backward()
+        outs[ex] = [o.detach()] + [x.grad for x in loc]
+        sent[ex] = _sum(stats.comm_total().bytes_sent)
+    return {"diff": max(_max((a - b).abs().max().item()) for a, b in zip(outs["acp"], outs["ring"])),
+            "ratio": sent["acp"] / sent["ring"]}
+
+
 # ------------------------------------------------------------------------------------------ suites
 
 LOCAL = [3.0, 2.0, 2.5, 1.0]  # every head forgets within a few tokens
@@ -156,7 +182,8 @@ def _x(name, **kw):
 
 CHECKS = {
     2: [_x("zigzag_random", seed=1), _x("contiguous_random", layout="contiguous", seed=2),
-        _x("zigzag_global", h=4, hkv=4, rates=GLOBAL), _x("zigzag_docs_gqa", docs=[0, 8, 40, 44, 72, 96], seed=3)],
+        _x("zigzag_global", h=4, hkv=4, rates=GLOBAL), _x("zigzag_docs_gqa", docs=[0, 8, 40, 44, 72, 96], seed=3),
+        Check("triton_blocks", check_triton_blocks, {})],
     3: [_x("zigzag_random", seed=4), _x("contiguous_docs_offgrid", layout="contiguous", docs=[0, 30, 31, 80, 96],
                                         seed=5),
         _x("zigzag_random_gqa1", h=4, hkv=1, seed=6)],
@@ -227,3 +254,9 @@ def test_model_logs_traffic_per_layer(results):
     res = _get(results, 4, "model_metrics")
     assert res["layers"] == [0, 1], res
     assert all(0 < s < d for s, d in zip(res["sent"], res["dense"])), res
+
+
+def test_triton_blocks_under_the_exchange(results):
+    pytest.importorskip("triton")
+    res = _get(results, 2, "triton_blocks")
+    assert res["diff"] < 1e-5 and res["ratio"] < 0.9, res
