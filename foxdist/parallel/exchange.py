@@ -247,6 +247,20 @@ def _split(tensors, plist):
     return [(pc, tensors[3 * i:3 * i + 3]) for i, pc in enumerate(plist)]
 
 
+def _post_kv(comm, xp, s, k, v, ckr, n, spec, counters):
+    """Post shift ``s`` of the KV exchange: pack and send my pieces to ``me + s``, receive the pieces
+    of ``me - s``. Returns ``(pending, recvs, meta of the receive buffer)``."""
+    me, w = comm.me, comm.size
+    sends, recvs, meta = [], [], None
+    if s in xp.send:
+        specs = [sp for pc in xp.send[s] for sp in spec(pc)]
+        sends.append((_pack_into(_gather_pieces(xp.send[s], k, v, ckr, n), specs, k.device), (me + s) % w, TAG_X))
+    if s in xp.recv:
+        buf, meta = _alloc(xp.recv[s], spec, k.device)
+        recvs.append((buf, (me - s) % w, TAG_X))
+    return comm.exchange(sends, recvs, counters), recvs, meta
+
+
 def _tiles(lo: int, hi: int, tile: int) -> int:
     return -(-(hi - lo) // tile) if hi > lo else 0
 
@@ -283,15 +297,7 @@ class AcpExchangeAttention(torch.autograd.Function):
         spec = lambda pc: pc.specs(b, d, k.dtype, ckr.dtype, v.dtype)
 
         def post(s):
-            sends, recvs, meta = [], [], None
-            if s in xp.send:
-                specs = [sp for pc in xp.send[s] for sp in spec(pc)]
-                sends.append((_pack_into(_gather_pieces(xp.send[s], k, v, ckr, n), specs, q.device), (me + s) % w,
-                              TAG_X))
-            if s in xp.recv:
-                buf, meta = _alloc(xp.recv[s], spec, q.device)
-                recvs.append((buf, (me - s) % w, TAG_X))
-            return comm.exchange(sends, recvs, counters), recvs, meta
+            return _post_kv(comm, xp, s, k, v, ckr, n, spec, counters)
 
         def attend(qs, heads, kb, vb, ckb, od, causal):
             qi = _index(heads, h, q.device)
@@ -353,15 +359,7 @@ class AcpExchangeAttention(torch.autograd.Function):
         dspec = lambda pc: pc.specs(b, d, acc, acc)
 
         def post(s):
-            sends, recvs, meta = [], [], None
-            if s in xp.send:
-                specs = [sp for pc in xp.send[s] for sp in spec(pc)]
-                sends.append((_pack_into(_gather_pieces(xp.send[s], k, v, ckr, n), specs, q.device), (me + s) % w,
-                              TAG_X))
-            if s in xp.recv:
-                buf, meta = _alloc(xp.recv[s], spec, q.device)
-                recvs.append((buf, (me - s) % w, TAG_X))
-            return comm.exchange(sends, recvs, counters), recvs, meta
+            return _post_kv(comm, xp, s, k, v, ckr, n, spec, counters)
 
         def grads(qs, heads, kb, vb, ckb, od, causal):
             qi = _index(heads, h, q.device)
