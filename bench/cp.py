@@ -78,6 +78,16 @@ def timed(fn, device, reps, warmup, group):
     return float(t), mem, out
 
 
+def context_for(spec: str, group, default_layout: str) -> CPContext:
+    """``ring``, ``ulysses``, ``hybrid:U``, each optionally ``@layout``: the CPContext it names."""
+    name, _, layout = spec.partition("@")
+    mode, _, degree = name.partition(":")
+    if mode == "hybrid" and not degree:
+        raise SystemExit(f"mode {spec!r}: hybrid needs the Ulysses degree, e.g. hybrid:2")
+    return CPContext(group, layout=layout or default_layout, mode=mode,
+                     ulysses_degree=int(degree) if degree else 1)
+
+
 def fwd_bwd(attn, q, k, v, g, do):
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g)]
     o = attn(*leaves)
@@ -90,7 +100,9 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 65536, 131072])
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--modes", nargs="+", default=["ring", "ulysses"])
+    ap.add_argument("--modes", nargs="+", default=["ring", "ulysses"],
+                    help="ring, ulysses or hybrid:U (Ulysses groups of U ranks, ring across), each optionally "
+                         "suffixed @zigzag / @contiguous (default: --layout)")
     ap.add_argument("--layout", default="zigzag")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -130,7 +142,7 @@ def main():
                 ref = forgetting_attention(q.float(), k.float(), v.float(), g, impl="reference", tile=1024)
             row["single_vs_fp32_ref_o"] = rel(o1, ref)
         for mode in args.modes:
-            ctx = CPContext(group, layout=args.layout, mode=mode)
+            ctx = context_for(mode, group, args.layout)
             ql, kl, vl, gl, dol = (ctx.shard(x) for x in (q, k, v, g, do))
             if cuda:
                 torch.cuda.empty_cache()

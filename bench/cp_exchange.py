@@ -52,15 +52,17 @@ EPS = math.exp(-10.0)
 
 
 def inputs(t, h, d, rates, device, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # same data on every rank
+
+    def randn():
+        return torch.randn(1, t, h, d, generator=gen, device=device)
 
     def rms(x):
         return x * x.pow(2).mean(-1, keepdim=True).rsqrt()
 
-    q, k = rms(torch.randn(1, t, h, d, generator=gen)), rms(torch.randn(1, t, h, d, generator=gen))
-    v, do = torch.randn(1, t, h, d, generator=gen), torch.randn(1, t, h, d, generator=gen)
-    g = -torch.tensor(rates) * (0.5 + torch.rand(1, t, h, generator=gen))
-    return [x.to(device, dtype) for x in (q, k, v)] + [g.to(device), do.to(device, dtype)]
+    q, k, v, do = rms(randn()), rms(randn()), randn(), randn()
+    g = -torch.tensor(rates, device=device) * (0.5 + torch.rand(1, t, h, generator=gen, device=device))
+    return [x.to(dtype) for x in (q, k, v)] + [g, do.to(dtype)]
 
 
 def sync(device):
