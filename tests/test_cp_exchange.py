@@ -25,17 +25,18 @@ ACP_EPS = math.exp(-10.0)
 TOL = 1e-10
 
 
-def _inputs(seed, t, h, hkv, d=8, rates=None):
-    """q, k, v, g, do with per-head log-forget rates ``rates`` (drawn log-uniformly when None)."""
+def _inputs(seed, t, h, hkv, d=8, rates=None, b=1):
+    """q, k, v, g, do with per-head log-forget rates ``rates`` (drawn log-uniformly per batch row and
+    head when None)."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, t, h, d, generator=gen, dtype=torch.float64) * 0.5
-    k = torch.randn(1, t, hkv, d, generator=gen, dtype=torch.float64) * 0.5
-    v = torch.randn(1, t, hkv, d, generator=gen, dtype=torch.float64)
+    q = torch.randn(b, t, h, d, generator=gen, dtype=torch.float64) * 0.5
+    k = torch.randn(b, t, hkv, d, generator=gen, dtype=torch.float64) * 0.5
+    v = torch.randn(b, t, hkv, d, generator=gen, dtype=torch.float64)
     if rates is None:
-        rates = 10.0 ** (torch.rand(h, generator=gen, dtype=torch.float64) * 4.5 - 4.0)
+        rates = 10.0 ** (torch.rand(b, 1, h, generator=gen, dtype=torch.float64) * 4.5 - 4.0)
     rates = torch.as_tensor(rates, dtype=torch.float64)
-    g = -rates * (0.5 + torch.rand(1, t, h, generator=gen, dtype=torch.float64))
-    do = torch.randn(1, t, h, d, generator=gen, dtype=torch.float64)
+    g = -rates * (0.5 + torch.rand(b, t, h, generator=gen, dtype=torch.float64))
+    do = torch.randn(b, t, h, d, generator=gen, dtype=torch.float64)
     return q, k, v, g, do
 
 
@@ -64,13 +65,13 @@ def _sum(x: float) -> float:
 
 
 def check_exchange(rank, world, layout="zigzag", mode="ring", ulysses_degree=1, t=96, h=6, hkv=3, docs=None,
-                   rates=None, tile=4, segments=4, seed=0):
+                   rates=None, tile=4, segments=4, seed=0, b=1):
     import torch.distributed as dist
 
     from foxdist.ops import AcpStats, forgetting_attention, naive_forgetting_attention
     from foxdist.parallel.context import CPContext, context_parallel_attention
 
-    q, k, v, g, do = _inputs(seed, t, h, hkv, rates=rates)
+    q, k, v, g, do = _inputs(seed, t, h, hkv, rates=rates, b=b)
     cu = None if docs is None else torch.tensor(docs, dtype=torch.int64)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
     o_ref = forgetting_attention(*leaves, cu_seqlens=cu, acp_eps=ACP_EPS, tile=tile)
@@ -186,7 +187,7 @@ CHECKS = {
         Check("triton_blocks", check_triton_blocks, {})],
     3: [_x("zigzag_random", seed=4), _x("contiguous_docs_offgrid", layout="contiguous", docs=[0, 30, 31, 80, 96],
                                         seed=5),
-        _x("zigzag_random_gqa1", h=4, hkv=1, seed=6)],
+        _x("zigzag_random_gqa1", h=4, hkv=1, seed=6), _x("contiguous_batch2", layout="contiguous", b=2, seed=13)],
     4: [_x("zigzag_random", t=128, seed=7), _x("contiguous_random_s3", layout="contiguous", t=96, seed=8),
         _x("zigzag_docs", t=128, docs=[0, 16, 64, 68, 100, 128], seed=9),
         _x("hybrid_zigzag", mode="hybrid", ulysses_degree=2, t=128, h=4, hkv=2, seed=10),
