@@ -4,8 +4,8 @@ One spawn of 2 gloo ranks trains the tiny recipe in-process under several layout
 (a torchrun launch per configuration would cost ~10 s each on 2 cores):
 
 - resume matrix: 2N steps straight (checkpoint at N) against N + resume + N, for dp=2, cp=2 (zigzag
-  ring), tp=2, DeepSpeed ZeRO-1 and ZeRO-3 (dp=2): bitwise equal losses, gradient norms and final weights
-  (single process, tp=2 x cp=2 and ZeRO-2 are in test_train.py and test_train_parallel.py);
+  ring), tp=2, DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (dp=2): bitwise equal losses, gradient norms and final
+  weights (single process and tp=2 x cp=2 are in test_train.py and test_train_parallel.py);
 - resharding: a checkpoint written with one layout resumes under another (tp=2 -> cp=2, tp=2 -> dp=2,
   dp=2 -> tp=2, one process -> tp=2; here in the parent: tp=2 -> one process): the next steps'
   losses equal the saved layout's own continuation within fp32 tolerance;
@@ -41,9 +41,10 @@ LAYOUTS = {
     "cp2": ["parallel.cp=2", "parallel.cp_layout=zigzag"],
     "tp2": ["parallel.tp=2"],
     "zero1": ["parallel.zero_stage=1"],
+    "zero2": ["parallel.zero_stage=2"],
     "zero3": ["parallel.zero_stage=3"],
 }
-RESUME = ["dp2", "cp2", "tp2"] + (["zero1", "zero3"] if HAVE_DS else [])
+RESUME = ["dp2", "cp2", "tp2"] + (["zero1", "zero2", "zero3"] if HAVE_DS else [])
 RESHARD = [("tp2", "cp2"), ("tp2", "dp2"), ("dp2", "tp2"), ("single", "tp2")]
 
 
