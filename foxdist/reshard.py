@@ -15,9 +15,14 @@ their parameters.
   this rank's slices.
 - :func:`export_weights` (``foxdist export``) writes consolidated weights for a single-device
   :class:`FoxLM`; :func:`load_exported` builds that model again. DeepSpeed ZeRO checkpoints with tp=1
-  are exported through DeepSpeed's ``zero_to_fp32``. Resharding ZeRO checkpoints (their optimizer
-  state lives in DeepSpeed's flat partitions) is not supported: they resume with the layout that
-  wrote them.
+  are exported through DeepSpeed's ``zero_to_fp32``.
+- DeepSpeed ZeRO checkpoints (stage 1-3, tp=1) keep the fp32 master weights and AdamW moments in flat
+  per-group buffers split over the dp x cp ranks. :func:`zero_full_state` gathers them into
+  single-device tensors (the same walk as ``zero_to_fp32``, applied to each moment too), so they
+  reshard like any other checkpoint: into plain data parallelism of any (tp, cp, dp), or, through
+  :func:`load_full_state_into_zero`, into a ZeRO-1/2 engine of any dp (each rank fills its slice of the
+  flat partitions through DeepSpeed's parameter-to-partition map). ZeRO-3 targets and ZeRO sources with
+  tp > 1 are refused with a message.
 
 The padded vocabulary depends on tp (``lcm(model.vocab_multiple, tp)``); the padding rows take part
 in the softmax, so a checkpoint moves between tp degrees only when both pad to the same size (always
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -104,9 +110,7 @@ def full_state(path: Path, cfg: Config | None = None, *, optimizer: bool = True)
     path = Path(path)
     meta = read_meta(path)
     if meta.get("zero_stage", 0):
-        raise ValueError(f"checkpoint {path} was written by DeepSpeed ZeRO (stage {meta['zero_stage']}, "
-                         f"{layout_str(meta)}); its model and optimizer state are in DeepSpeed's partitioned "
-                         f"format, which foxdist cannot reshard: resume it with the layout that wrote it")
+        return zero_full_state(path, meta, optimizer=optimizer)
     tp = int(meta.get("tp", 1))
     parts = [load_checkpoint(path, r) for r in range(tp)]
     for r, part in enumerate(parts):
@@ -147,6 +151,151 @@ def full_state(path: Path, cfg: Config | None = None, *, optimizer: bool = True)
         start += n
     out["optim"] = {"state": ostate, "param_groups": groups}
     return out
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed ZeRO
+def _zero_files(path: Path, meta: dict) -> tuple[Path, list[Path]]:
+    stage, tp = int(meta["zero_stage"]), int(meta.get("tp", 1))
+    if tp != 1:
+        raise ValueError(f"checkpoint {path} is DeepSpeed ZeRO with tp={tp} ({layout_str(meta)}): foxdist consolidates "
+                         f"ZeRO checkpoints with tp=1 only; resume it with the layout that wrote it")
+    zdir = path / "zero"
+    model_file = zdir / ("mp_rank_00_model_states.pt" if stage <= 2 else "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    # DeepSpeed partitions ZeRO state over its data-parallel group, which is dp x cp here
+    n = int(meta.get("dp", 1)) * int(meta.get("cp", 1))
+    optim_files = [zdir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(n)]
+    for f in [model_file, *optim_files]:
+        if not f.exists():
+            raise ValueError(f"ZeRO checkpoint {path} ({layout_str(meta)}) lacks {f.relative_to(path)}; it is "
+                             f"incomplete or was not written by foxdist")
+    return model_file, optim_files
+
+
+def _zero_load(f: Path) -> dict:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise ValueError(f"checkpoint file {f} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _zero_unflatten(stage: int, shapes: list[dict], per_rank: list[list[torch.Tensor]], paddings, what: str,
+                    path: Path) -> dict:
+    """Full tensors from ZeRO's flat partitions (``per_rank[dp_rank][group]``), as ``zero_to_fp32`` does for
+    the fp32 weights; the same layout holds every AdamW moment (one flat tensor per group and rank)."""
+    out, world = {}, len(per_rank)
+    if stage <= 2:  # each group's flat buffer is split in contiguous equal parts over the ranks
+        for g, group_shapes in enumerate(shapes):
+            flat = torch.cat([r[g] for r in per_rank])
+            off = 0
+            for i, (name, shape) in enumerate(group_shapes.items()):
+                n = math.prod(shape)
+                if off + n > flat.numel():
+                    raise ValueError(f"ZeRO checkpoint {path}: {what} of group {g} holds {flat.numel()} values, "
+                                     f"fewer than its parameters need; the files do not belong together")
+                out[name] = flat[off:off + n].view(shape).clone()
+                off += n + (paddings[g][i] if paddings is not None else 0)
+    else:  # ZeRO-3: every parameter is split (padded to a multiple of the ranks) across all ranks
+        flats = [torch.cat(list(r)) for r in per_rank]
+        off = 0
+        for name, shape in ((k, v) for d in shapes for k, v in d.items()):
+            n = math.prod(shape)
+            part = -(-n // world)
+            if off + part > flats[0].numel():
+                raise ValueError(f"ZeRO-3 checkpoint {path}: {what} partitions are shorter than the parameters "
+                                 f"need; the files do not belong together")
+            out[name] = torch.cat([f[off:off + part] for f in flats])[:n].view(shape).clone()
+            off += part
+    return out
+
+
+def zero_full_state(path: Path, meta: dict | None = None, *, optimizer: bool = True) -> dict:
+    """:func:`full_state` of a DeepSpeed ZeRO (stage 1-3, tp=1) checkpoint: fp32 master weights and AdamW
+    moments gathered from every rank's flat partition into single-device tensors."""
+    path = Path(path)
+    meta = meta or read_meta(path)
+    stage = int(meta["zero_stage"])
+    model_file, optim_files = _zero_files(path, meta)
+    shapes = _zero_load(model_file)["param_shapes"]
+    osds = [_zero_load(f)["optimizer_state_dict"] for f in optim_files]
+    flat_key, base_key = (("single_partition_of_fp32_groups", "base_optimizer_state") if stage <= 2 else
+                          ("fp32_flat_groups", "optimizer_state_dict"))
+    paddings = osds[0].get("param_alignment_paddings") if stage <= 2 else None
+    model = _zero_unflatten(stage, shapes, [o[flat_key] for o in osds], paddings, "fp32 weights", path)
+    own = load_checkpoint(path, 0)
+    out = {"model": model, "meta": meta, "step": own["step"], "loader": own["loader"],
+           "skipped_total": own.get("skipped_total", 0), "splits": dict.fromkeys(model, REPLICATED)}
+    if "loss_spikes" in own:
+        out["loss_spikes"] = own["loss_spikes"]
+    if not optimizer:
+        return out
+    bases = [o[base_key] for o in osds]
+    ostate = {}
+    if bases[0]["state"]:  # empty before the first optimizer step
+        n_groups = len(shapes)
+        for key in ("exp_avg", "exp_avg_sq"):
+            per_rank = [[b["state"][g][key] for g in range(n_groups)] for b in bases]
+            for name, t in _zero_unflatten(stage, shapes, per_rank, paddings, key, path).items():
+                ostate.setdefault(name, {})[key] = t
+        for g, group_shapes in enumerate(shapes):
+            for name in group_shapes:
+                ostate[name]["step"] = bases[0]["state"][g]["step"].clone()
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(group_shapes)}
+              for g, group_shapes in zip(bases[0]["param_groups"], shapes)]
+    out["optim"] = {"state": ostate, "param_groups": groups}
+    return out
+
+
+@torch.no_grad()
+def load_full_state_into_zero(engine, full: dict, tp_rank: int, tp: int) -> None:
+    """Copy a :func:`full_state` result into a DeepSpeed ZeRO-1/2 engine of any data-parallel degree: the model
+    weights, this rank's slice of the fp32 master partition and of the AdamW moments (through the
+    parameter-to-partition map DeepSpeed builds, ``param._hp_mapping``)."""
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    stage = engine.zero_optimization_stage()
+    if stage not in (1, 2):
+        raise ValueError(f"loading a checkpoint of another layout into DeepSpeed ZeRO-{stage} is not supported "
+                         f"(only ZeRO-1, ZeRO-2 and plain data parallelism can take one): resume with "
+                         f"parallel.zero_stage=0, 1 or 2, or with the layout that wrote the checkpoint")
+    module, zopt = engine.module, engine.optimizer
+    weights, saved = full["model"], full.get("optim", {"state": {}})["state"]
+    params = dict(module.named_parameters())
+    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or extra:
+        raise ValueError(f"checkpoint parameters do not match the model: missing {missing[:5]}, unexpected "
+                         f"{extra[:5]}; the model config differs from the one that wrote the checkpoint")
+    name_of = {id(p): n for n, p in params.items()}
+
+    def local(name, t):
+        sl = _shard(t, getattr(params[name], "foxdist_split", REPLICATED), tp_rank, tp)
+        if sl.shape != params[name].shape:
+            raise ValueError(f"{name}: checkpoint slice {tuple(sl.shape)} for tp rank {tp_rank} of {tp} does not "
+                             f"match the model's {tuple(params[name].shape)}")
+        return sl
+
+    for name, p in params.items():
+        p.copy_(local(name, weights[name]))
+    for g, flat in enumerate(zopt.single_partition_of_fp32_groups):
+        moments = {k: torch.zeros_like(flat) for k in ("exp_avg", "exp_avg_sq")}
+        steps = set()
+        for lp in zopt.bit16_groups[g]:
+            m = lp._hp_mapping
+            if m is None:  # no part of this parameter lives in this rank's partition
+                continue
+            name = name_of[id(lp)]
+            la, ha = m.lp_fragment_address, m.hp_fragment_address
+            flat.narrow(0, ha.start, ha.numel).copy_(local(name, weights[name]).reshape(-1).narrow(0, la.start, la.numel))
+            if name in saved:
+                for k, buf in moments.items():
+                    buf.narrow(0, ha.start, ha.numel).copy_(local(name, saved[name][k]).reshape(-1)
+                                                            .narrow(0, la.start, la.numel))
+                steps.add(float(saved[name]["step"]))
+        if len(steps) > 1:
+            raise ValueError(f"checkpoint AdamW step counts differ within one parameter group ({sorted(steps)}); "
+                             f"a ZeRO partition has one step count per group")
+        if steps:
+            zopt.optimizer.state[flat] = {"step": torch.tensor(steps.pop(), dtype=torch.float32), **moments}
+            lazy_init_hp_params_optimizer_state(zopt.bit16_groups[g], flat, zopt.optimizer.state)
 
 
 # hyperparameters that describe the device or implementation, not the training run

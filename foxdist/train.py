@@ -287,17 +287,19 @@ class Trainer:
 
     def _load_resharded(self, path: Path, meta: dict) -> None:
         """Resume from a checkpoint written with another (tp, cp, dp): see :mod:`foxdist.reshard`."""
-        from .reshard import full_state, layout_str, load_full_state_into
+        from .reshard import full_state, layout_str, load_full_state_into, load_full_state_into_zero
 
         layout = self._layout()
-        if meta.get("zero_stage", 0) or layout["zero_stage"]:
+        if layout["zero_stage"] == 3:
             raise ValueError(f"checkpoint {path} was written with {layout_str(meta)}, this run has "
-                             f"{layout_str(layout)}: DeepSpeed ZeRO checkpoints (and moving between ZeRO and "
-                             f"plain data parallelism) cannot be resharded; resume with the saved layout "
-                             f"(`foxdist export` still writes the weights of a ZeRO checkpoint with tp=1)")
+                             f"{layout_str(layout)}: a checkpoint of another layout cannot be loaded into DeepSpeed "
+                             f"ZeRO-3; resume with parallel.zero_stage=0, 1 or 2, or with the saved layout")
         full = full_state(path, self.cfg)
         tp_rank = self.dims.coords(self.rt.rank)[0]
-        load_full_state_into(self.model, self.opt, full, tp_rank, self.derived.tp)
+        if self.engine is not None:
+            load_full_state_into_zero(self.engine.engine, full, tp_rank, self.derived.tp)
+        else:
+            load_full_state_into(self.model, self.opt, full, tp_rank, self.derived.tp)
         data_note = self.loader.load_state_dict_relayout(full["loader"])
         # RNG streams belong to ranks; ranks that did not exist in the saved run take rank 0's
         rng_rank = self.rt.rank if self.rt.rank < meta["world_size"] else 0
@@ -307,7 +309,8 @@ class Trainer:
         if "loss_spikes" in full:
             self.spikes.load_state_dict(full["loss_spikes"])
         self.load_note = (f"resharded checkpoint {path.name} from {layout_str(meta)} to {layout_str(layout)}: "
-                          f"model and AdamW state re-split over tp={layout['tp']}; {data_note}")
+                          f"model and AdamW state re-split over tp={layout['tp']}"
+                          f"{' and ZeRO partitions' if layout['zero_stage'] else ''}; {data_note}")
 
     def save(self) -> Path:
         c = self.cfg.checkpoint

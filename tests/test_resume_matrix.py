@@ -9,8 +9,10 @@ One spawn of 2 gloo ranks trains the tiny recipe in-process under several layout
 - resharding: a checkpoint written with one layout resumes under another (tp=2 -> cp=2, tp=2 -> dp=2,
   dp=2 -> tp=2, one process -> tp=2; here in the parent: tp=2 -> one process): the next steps'
   losses equal the saved layout's own continuation within fp32 tolerance;
-- ZeRO checkpoints are refused for resharding with a message; ZeRO (tp=1) and tp=2 checkpoints export
-  to single-device weights equal to the training weights;
+- DeepSpeed ZeRO checkpoints reshard too (ZeRO-2 -> ZeRO-1, ZeRO-1 -> plain dp=2; in the parent: ZeRO-2 ->
+  one process): the consolidated master weights and AdamW moments are bitwise what the new layout holds
+  after loading; a ZeRO-3 target is refused with a message; ZeRO (tp=1) and tp=2 checkpoints export to
+  single-device weights equal to the training weights;
 - a rank that cannot write its part of a checkpoint (disk full) makes every rank fail the save and
   leaves the previous checkpoint ``latest``.
 """
@@ -46,6 +48,8 @@ LAYOUTS = {
 }
 RESUME = ["dp2", "cp2", "tp2"] + (["zero1", "zero2", "zero3"] if HAVE_DS else [])
 RESHARD = [("tp2", "cp2"), ("tp2", "dp2"), ("dp2", "tp2"), ("single", "tp2")]
+# DeepSpeed ZeRO checkpoints consolidated and loaded into another layout (ZeRO-2 -> one process: in the parent)
+RESHARD_ZERO = [("zero2", "zero1"), ("zero1", "dp2")] if HAVE_DS else []
 
 
 def _cfg(run_dir, sets):
@@ -126,21 +130,55 @@ def _matrix(rank, world, *, base):
             _seed_from(base / name, base / f"{name}-resumed", N)
         dist.barrier()
         out["resumed"][name] = _fit(rank, world, base / f"{name}-resumed", LAYOUTS[name])
-    for src, dst in RESHARD:
+    for src, dst in RESHARD + RESHARD_ZERO:
         run = base / f"{src}-to-{dst}"
         if rank == 0:
             _seed_from(base / src, run, N)
         dist.barrier()
         out["resharded"][(src, dst)] = _fit(rank, world, run, LAYOUTS[dst])
-    if HAVE_DS:  # ZeRO state is not resharded: a clear refusal on every rank
+    if HAVE_DS:
+        # the state a ZeRO-1 engine holds right after loading the ZeRO-2 checkpoint, read back through
+        # DeepSpeed's own accessors
+        out["zero2_loaded_as_zero1"] = _loaded(rank, world, base / "zero2", LAYOUTS["zero1"])
+        # no checkpoint of another layout goes into ZeRO-3: a clear refusal on every rank
         if rank == 0:
-            _seed_from(base / "zero1", base / "zero1-to-dp2", N)
+            _seed_from(base / "zero2", base / "zero2-to-zero3", N)
         dist.barrier()
         try:
-            _fit(rank, world, base / "zero1-to-dp2", LAYOUTS["dp2"])
+            _fit(rank, world, base / "zero2-to-zero3", LAYOUTS["zero3"])
         except ValueError as e:
-            out["zero_refusal"] = str(e)
+            out["zero3_refusal"] = str(e)
     return out
+
+
+def _loaded(rank, world, src, sets):
+    """Weights and AdamW moments (single-device layout) of a trainer right after it loads ``src``'s step-N
+    checkpoint; ``world`` 1 runs in this process."""
+    from foxdist.runtime import Runtime
+    from foxdist.train import Trainer
+
+    cfg = _cfg(Path(src).parent / f"load-{Path(src).name}-{rank}", sets)
+    rt = Runtime(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), distributed=world > 1)
+    trainer = Trainer(cfg, Path(cfg.logging.run_dir), rt)
+    try:
+        trainer.load(Path(src) / "checkpoints" / f"step_{N:08d}")
+        out = {"note": trainer.load_note, "step": trainer.step}
+        if trainer.engine is not None:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            params = trainer.engine.module.named_parameters()
+            out["state"] = {n: {"param": p.detach().clone(), "fp32": safe_get_full_fp32_param(p).clone(),
+                                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
+                                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
+                            for n, p in params}
+        else:
+            out["state"] = {n: {"param": p.detach().clone(), **{k: trainer.opt.state[p][k].clone()
+                                                                  for k in ("exp_avg", "exp_avg_sq", "step")}}
+                            for n, p in trainer.model.named_parameters()}
+    finally:
+        if world > 1:
+            trainer.dims.destroy_groups()
+    return out if rank == 0 else None
 
 
 def _disk_full_on_one_rank(rank, world, *, base):
@@ -230,11 +268,57 @@ def _seeded(base, src, name):
     return base / name
 
 
-def test_zero_checkpoints_are_refused_for_resharding(matrix):
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_zero_checkpoints_consolidate_and_reshard(matrix):
+    from foxdist.train import run
+
+    """ZeRO-2 (dp=2) master weights and AdamW moments gathered from the flat partitions: bitwise the live
+    weights, close to a plain dp=2 run's state, bitwise what a ZeRO-1 engine and one process hold after
+    loading them, and the next steps continue like the saved layout (ZeRO-2 -> one process, -> ZeRO-1;
+    ZeRO-1 -> plain dp=2). ZeRO-3 targets are refused."""
     if not HAVE_DS:
         pytest.skip("deepspeed is not installed")
-    msg = matrix[1].get("zero_refusal")
-    assert msg and "cannot be resharded" in msg and "zero_stage=1" in msg and "resume with the saved layout" in msg
+    from foxdist.reshard import full_state
+
+    base, m, _ = matrix
+    last = full_state(base / "zero2" / "checkpoints" / f"step_{2 * N:08d}", optimizer=False)
+    live = m["straight"]["zero2"]["weights"]
+    assert set(last["model"]) == set(live)
+    for n, w in live.items():
+        assert torch.equal(last["model"][n], w), n
+    full = full_state(base / "zero2" / "checkpoints" / f"step_{N:08d}")
+    plain = full_state(base / "dp2" / "checkpoints" / f"step_{N:08d}")
+    assert [g["params"] for g in full["optim"]["param_groups"]] == [g["params"] for g in plain["optim"]["param_groups"]]
+    for n, w in plain["model"].items():
+        assert _rel(full["model"][n], w) < 1e-5, n
+        for k in ("exp_avg", "exp_avg_sq"):
+            # different reduction order, same math: a misplaced slice would be off by O(1)
+            assert _rel(full["optim"]["state"][n][k], plain["optim"]["state"][n][k]) < 1e-2, (n, k)
+        assert float(full["optim"]["state"][n]["step"]) == N
+    one = _loaded(0, 1, base / "zero2", [])
+    for got, what in ((m["zero2_loaded_as_zero1"], "zero1"), (one, "single")):
+        assert got["step"] == N and "resharded checkpoint" in got["note"], got["note"]
+        assert set(got["state"]) == set(full["model"])
+        for n, st in got["state"].items():
+            assert torch.equal(st["param"], full["model"][n]), (what, n)
+            if "fp32" in st:
+                assert torch.equal(st["fp32"], full["model"][n]), (what, n)
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(st[k], full["optim"]["state"][n][k]), (what, n, k)
+    run(_cfg(base / "zero2-to-single", []), _seeded(base, "zero2", "zero2-to-single"))
+    got = {**{pair: m["resharded"][pair] for pair in RESHARD_ZERO},
+           ("zero2", "single"): {"rows": _rows(base / "zero2-to-single")}}
+    for (src, dst), res in got.items():
+        ref, rows = m["straight"][src]["rows"], res["rows"]
+        assert [r[0] for r in rows] == list(range(N + 1, 2 * N + 1)), (src, dst, rows)
+        for (_, la, ga), (_, lb, gb) in zip(ref[N:], rows):
+            assert abs(la - lb) <= 2e-5 * la, (src, dst, la, lb)
+            assert abs(ga - gb) <= 2e-4 * ga, (src, dst, ga, gb)
+    msg = m.get("zero3_refusal")
+    assert msg and "cannot be loaded into DeepSpeed ZeRO-3" in msg and "zero_stage=2" in msg, msg
 
 
 def test_export_consolidates_tp_and_zero_checkpoints(matrix, tmp_path, capsys):
