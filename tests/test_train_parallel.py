@@ -1,5 +1,5 @@
 """The trainer under torchrun with tensor and context parallelism (gloo, CPU): the same losses as one
-process, and exact resume at tp=2 x cp=2."""
+process, exact resume at tp=2 x cp=2, and that checkpoint resharded into one process and into tp=4."""
 
 import json
 import os
@@ -71,30 +71,38 @@ def test_zero2_dp2_trains_like_single_process_and_resumes(single, tmp_path):
 
 
 def test_resume_tp2_cp2_is_bitwise(tmp_path):
-    sets = ["parallel.tp=2", "parallel.cp=2"]
+    # 4 heads (the tiny recipe has 2) so that the checkpoint can also be resharded into tp=4
+    heads = "model.n_heads=4"
+    sets = ["parallel.tp=2", "parallel.cp=2", heads]
     straight = _train(tmp_path / "straight", 4, *sets)
     _train(tmp_path / "resumed", 4, *sets, "train.stop_at_step=2")
     meta = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000002" / "meta.json").read_text())
     assert (meta["tp"], meta["cp"], meta["world_size"]) == (2, 2, 4)
     resumed = _train(tmp_path / "resumed", 4, *sets)
     assert [(r["loss"], r["grad_norm"]) for r in straight] == [(r["loss"], r["grad_norm"]) for r in resumed]
-    # the same tp=2 x cp=2 checkpoint, resharded into one process, continues like the 4-rank run
+    # the same tp=2 x cp=2 checkpoint, resharded into one process and into tp=4 (4 ranks, one head each),
+    # continues like the saved layout
     import shutil
 
     from foxdist.config import apply_overrides, load_recipe
     from foxdist.train import run
 
-    one = tmp_path / "one"
-    shutil.copytree(tmp_path / "resumed" / "checkpoints" / "step_00000002", one / "checkpoints" / "step_00000002")
-    (one / "checkpoints" / "latest").write_text("step_00000002\n")
+    def seeded(name):
+        shutil.copytree(tmp_path / "resumed" / "checkpoints" / "step_00000002",
+                        tmp_path / name / "checkpoints" / "step_00000002")
+        (tmp_path / name / "checkpoints" / "latest").write_text("step_00000002\n")
+        return tmp_path / name
+
     cfg = apply_overrides(load_recipe(TINY), [f"train.max_steps={STEPS}", "checkpoint.every=100",
-                                              "logging.tensorboard=false"])
-    run(cfg, one)
-    rows = _rows(one)
-    assert [r["step"] for r in rows] == list(range(3, STEPS + 1))
-    for a, b in zip(straight[2:], rows):
-        assert abs(a["loss"] - b["loss"]) <= 2e-5 * a["loss"], (a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-4 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
+                                              "logging.tensorboard=false", heads])
+    run(cfg, seeded("one"))
+    tp4 = _train(seeded("tp4"), 4, "parallel.tp=4", heads)
+    assert json.loads((tmp_path / "tp4" / "config.json").read_text())["derived"]["tp"] == 4
+    for rows in (_rows(tmp_path / "one"), tp4):
+        assert [r["step"] for r in rows] == list(range(3, STEPS + 1))
+        for a, b in zip(straight[2:], rows):
+            assert abs(a["loss"] - b["loss"]) <= 2e-5 * a["loss"], (a["loss"], b["loss"])
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-4 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
 
 
 def test_dead_rank_stops_the_job_with_its_name(tmp_path):
