@@ -275,8 +275,8 @@ def _rel(a, b):
 def test_zero_checkpoints_consolidate_and_reshard(matrix):
     from foxdist.train import run
 
-    """ZeRO-2 (dp=2) master weights and AdamW moments gathered from the flat partitions: bitwise the live
-    weights, close to a plain dp=2 run's state, bitwise what a ZeRO-1 engine and one process hold after
+    """ZeRO-1/2/3 (dp=2) master weights and AdamW moments gathered from the flat partitions: bitwise the live
+    weights, close to a plain dp=2 run's state; ZeRO-2's are bitwise what a ZeRO-1 engine and one process hold after
     loading them, and the next steps continue like the saved layout (ZeRO-2 -> one process, -> ZeRO-1;
     ZeRO-1 -> plain dp=2). ZeRO-3 targets are refused."""
     if not HAVE_DS:
@@ -284,20 +284,23 @@ def test_zero_checkpoints_consolidate_and_reshard(matrix):
     from foxdist.reshard import full_state
 
     base, m, _ = matrix
-    last = full_state(base / "zero2" / "checkpoints" / f"step_{2 * N:08d}", optimizer=False)
-    live = m["straight"]["zero2"]["weights"]
-    assert set(last["model"]) == set(live)
-    for n, w in live.items():
-        assert torch.equal(last["model"][n], w), n
-    full = full_state(base / "zero2" / "checkpoints" / f"step_{N:08d}")
     plain = full_state(base / "dp2" / "checkpoints" / f"step_{N:08d}")
-    assert [g["params"] for g in full["optim"]["param_groups"]] == [g["params"] for g in plain["optim"]["param_groups"]]
-    for n, w in plain["model"].items():
-        assert _rel(full["model"][n], w) < 1e-5, n
-        for k in ("exp_avg", "exp_avg_sq"):
-            # different reduction order, same math: a misplaced slice would be off by O(1)
-            assert _rel(full["optim"]["state"][n][k], plain["optim"]["state"][n][k]) < 1e-2, (n, k)
-        assert float(full["optim"]["state"][n]["step"]) == N
+    for stage in ("zero1", "zero2", "zero3"):  # every stage's partition layout
+        last = full_state(base / stage / "checkpoints" / f"step_{2 * N:08d}", optimizer=False)
+        live = m["straight"][stage]["weights"]
+        assert set(last["model"]) == set(live)
+        for n, w in live.items():
+            assert torch.equal(last["model"][n], w), (stage, n)
+        full = full_state(base / stage / "checkpoints" / f"step_{N:08d}")
+        assert ([g["params"] for g in full["optim"]["param_groups"]] ==
+                [g["params"] for g in plain["optim"]["param_groups"]])
+        for n, w in plain["model"].items():
+            # different reduction order, same math (measured: <= 1.2e-5); a misplaced slice would be off by O(1)
+            assert _rel(full["model"][n], w.detach()) < 1e-4, (stage, n)
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert _rel(full["optim"]["state"][n][k], plain["optim"]["state"][n][k]) < 1e-4, (stage, n, k)
+            assert float(full["optim"]["state"][n]["step"]) == N
+    full = full_state(base / "zero2" / "checkpoints" / f"step_{N:08d}")
     one = _loaded(0, 1, base / "zero2", [])
     for got, what in ((m["zero2_loaded_as_zero1"], "zero1"), (one, "single")):
         assert got["step"] == N and "resharded checkpoint" in got["note"], got["note"]
