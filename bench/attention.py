@@ -309,7 +309,8 @@ def main():
                    torch=torch.__version__, triton=triton.__version__, date=now.isoformat(timespec="seconds"),
                    acp_eps=EPS, acp_bound="max-norm U = max|q| max|k| scale (per head), N = T",
                    official_fox_acp_mixed_fwdbwd_ms=OFFICIAL_ACP_MIXED,
-                   git_commit=os.environ.get("FOXDIST_COMMIT", "?"))
+                   git_commit=os.environ.get("FOXDIST_COMMIT", "?"),
+                   foxkernels_env={k: v for k, v in os.environ.items() if k.startswith("FOXKERNELS_")})
     try:
         from fla.ops.forgetting_attn import parallel_forgetting_attn as fla
         import fla as fla_mod

@@ -39,21 +39,37 @@ medians; "H100"/"H200" = the lent machine of that run; full tables in ``bench/re
   first query unit that prunes it; the table is non-decreasing along query units, so that is a sorted
   search (``torch.searchsorted``, once per call) and the dkdv loop simply ends there. All three passes
   therefore skip exactly the same (query unit, key unit) pairs. Cost when nothing is prunable (near-1
-  gates, H100, final run): fwd+bwd +4% / +4% / +5% at T16k D64 / T32k D128 / T64k D128, all of it in
-  the backward (the forward is within noise); searching the table inside the dkdv kernel instead (an
-  earlier revision) cost the same, so the cause is not the search; not yet understood.
-* **Dense forward through the table path at D=128.** With the key loop starting at a loaded bound
-  (a table of zeros when ACP is off) the D128 forward ran 11.3 ms against 13.7 ms with a constant
-  start (T32k, H200); at D64 it was 3.56 against 3.41 ms, so D64 keeps the constant start.
+  gates, H100, ``bench/results/attention-h100-2026-11-23-acp-overhead.json``): fwd+bwd +1.0% / -4.8% /
+  -1.7% at T16k D64 / T32k D128 / T64k D128 against dense (forward alone +2.4 / +1.6 / +1.4%); the
+  noise is about 2%: dense on mixed and on near-1 gates runs identical work and differed by 0.6-2%.
+  It used to be +4-13%, all in the dkdv kernel (profile, T16k D64: 6.18 ms with ACP against 5.23 ms
+  dense). The cause was the compiled code, not the search. ptxas/SASS of both variants (compiled
+  offline for sm_90a with triton 3.6 and the JIT's argument specialisation) showed that with a loaded
+  loop end, LLVM did the row-mask compare ``offs_m < lq`` in 64 bits. The main dkdv loop grew from 449 to
+  484 instructions (D128) and from 628 to 728 with 16 spill loads (D64). The row masks are now gone
+  from that loop (below), and the overhead with them.
+  Two host synchronisations are also gone: ``torch.tensor(list, device=cuda)`` in the ends table and
+  ``cu.to(cuda)`` plus ``torch.tensor(lens)`` in the document tables copied from pageable memory, and
+  each waited for the stream.
+* **Dense forward (D=128) and dq (all D) through the table path.** With the key loop starting at a loaded
+  bound (a table of zeros when ACP is off) the D128 forward ran 11.3 ms against 13.7 ms with a constant
+  start (T32k, H200); at D64 it was 3.56 against 3.41 ms, so the D64 forward keeps the constant start.
+  The dq kernel: 2.52 against 2.89 ms at T16k D64 (profile, H100), fwd+bwd 10.86 against 11.10 ms; at
+  T32k D128 45.61 against 45.65 ms (same run, ``ab_dq_table_path`` in the results file).
 * **Diagonal split.** Fully visible key tiles run a loop with no mask arithmetic and unmasked loads;
-  only the diagonal tile(s) and a partial last tile go through the masked loop.
+  only the diagonal tile(s) and a partial last tile go through the masked loop. The dkdv kernel has
+  three loops: the causal diagonal (causal and row masks), whole query tiles (no masks and unmasked
+  loads), and at most one partial last query tile (row masks only). Against the previous single
+  row-masked loop for everything below the diagonal (same run, H100, near-1 gates, fwd+bwd): T16k D64
+  11.86 -> 11.03 ms dense, 13.42 -> 11.02 ms with ACP; T32k D128 (with the D128 dkdv change to 3
+  stages below) 50.97 -> 45.30 ms dense, 53.30 -> 44.45 ms with ACP.
 * **Backward without atomics.** ``delta_i = do_i . o_i`` in a small pre-kernel; then a dq kernel
   (query tile fixed, loop over its key tiles) and a dkdv kernel (key tile fixed, loop over the query
   tiles that see it; for GQA the program loops over the query heads of its kv head, so dk and dv are
   summed in registers and written once). The dkdv kernel also produces ``dc_j = -sum_i dS_ij`` per
   query head; ``dg`` is its per-document reverse cumulative sum (fp64, in PyTorch). Profile (H100,
-  T16k H24 D64): dkdv 46%, dq 28%, fwd 24% of the fwd+bwd time; the PyTorch glue (prefix sums, dg)
-  under 2%. Per-token, per-head arrays (``cl``, base, lse2, delta, dc) are stored head-major so the
+  T16k H24 D64, dense): dkdv 5.0 ms, fwd 3.0 ms, dq 2.5 ms (table path) of ~11 ms fwd+bwd; the
+  PyTorch glue (prefix sums, dg) about 0.3 ms. Per-token, per-head arrays (``cl``, base, lse2, delta, dc) are stored head-major so the
   kernels' [BLOCK] loads along tokens are contiguous and PyTorch's scans run along the contiguous dim
   (a cumsum along dim 0 of ``[T, H]`` is a sequential loop per column: ~1 ms at T=16k).
 * **The query-side decay gradient is zero, so it is not computed.** ``dL/dc_i = sum_j dS_ij`` with
@@ -68,23 +84,32 @@ medians; "H100"/"H200" = the lent machine of that run; full tables in ``bench/re
 * Rows that see no key (an all-pruned off-diagonal block, an empty key block) keep the running max at
   a finite ``-1e30`` so that no ``inf - inf`` arises; they return ``o = 0`` and ``lse = -inf``.
 
-Block sizes and warps per head dim are in :func:`_config` (a sweep on the H100, T=16k).
+Block sizes and warps per head dim are in :func:`_config` (a sweep on the H100, T=16k). The dkdv
+kernel at D128 went from 2 to 3 stages once the row masks left its main loop: T32k fwd+bwd 48.6 -> 45.3
+ms dense (same run). At D64, 8 warps remove every spill (231-246 registers) but ran slower: 11.66 (3 stages)
+and 12.72 ms (2 stages) against 11.03 ms for 4 warps, which still spills a little (8 spill loads in
+its main loop). ``(32, 64, 4, 3)`` (no spill) ran 10.92 ms dense but 11.15 ms with ACP, so it was not
+adopted.
 
-* **Registers.** All three kernels sit at 255 registers and spill (ptxas -v on sm_90a, compiled here
-  with Triton 3.8). Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
-  64-bit offsets per element, cut the spill stores from 1952 to 1184 bytes (dkdv, D64; 2712 to 1200 with
-  ACP), 932 to 336 (dq, D128), 260 to 48 (dq, D64), 308 to 224 (fwd, D128, table path; the constant-start
-  path spills 424, in line with it being slower). This change came after the last GPU run and is
-  checked for correctness only (CPU tests); documents longer than ``2**31 / (H * D)`` tokens are
-  refused by :func:`_check_offsets`.
+* **Registers.** Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
+  64-bit offsets per element, cut ptxas's spill stores (Triton 3.8 here, compiled without the JIT's
+  argument specialisation) from 1952 to 1184 bytes (dkdv, D64; 2712 to 1200 with ACP), 932 to 336
+  (dq, D128), 260 to 48 (dq, D64) and 308 to 224 (fwd, D128). Documents longer than
+  ``2**31 / (H * D)`` tokens are refused by :func:`_check_offsets`. Those compiles overstate the spills.
+  Compiled the way the JIT specialises the arguments (16-divisible strides and pointers, ``GROUP = 1``
+  as a constant), with triton 3.6 as on the GPU image, the current kernels use: fwd 245 registers
+  (D64) and 255 (D128), no spills; dq 162-168 (D64) and 255 (D128, 4-16 bytes of spill); dkdv D64 255
+  with 352 bytes of spill (8 spill loads in its main loop); dkdv D128 255 with 24-48 bytes (none inside
+  the loops).
 
-Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23.json``):
-T16k H24 D64 / T32k H16 D128 / T64k H16 D128: ours dense 12.5 / 50.3 / 195; SDPA flash backend
-10.2 / 50.4 / 188 (ratio 1.23 / 1.00 / 1.04); SDPA's default choice (cuDNN) 7.4 / 28.3 / 110
-(ratio 1.7-1.8); FLA 21.0 / 73.1 / 288; ours with ACP on mixed gates 6.7 / 19.0 / 53.3 against the
-official kernel's 7.3 / 18.1 / 54.2. The gap to cuDNN is the kernel's matmul efficiency (~250 TFLOP/s
-here; no TMA or warp specialisation), not the decay: without any decay term the same kernel is only
-8-15% faster.
+Where this stands (H100, bf16, B = 1, fwd+bwd ms;
+``bench/results/attention-h100-2026-11-23-acp-overhead.json``): T16k H24 D64 / T32k H16 D128 /
+T64k H16 D128. Ours dense: 11.0 / 46.5 / 180. SDPA flash backend, same run: 10.3 / 49.7 / 191
+(ratio 1.07 / 0.93 / 0.94). SDPA's default choice (cuDNN): 7.6 / 28.8 / 110 (ratio 1.44 / 1.61 / 1.63).
+Ours with ACP on mixed gates: 5.0 / 15.4 / 46.0, against the official kernel's 7.3 / 18.1 / 54.2
+(ratio 0.68 / 0.85 / 0.85). FLA was 21.0 / 73.1 / 288 in the earlier run. The gap to cuDNN is the
+kernel's matmul efficiency (no TMA or warp specialisation), not the decay: without any decay term
+the same kernel was only 8-15% faster.
 """
 
 from __future__ import annotations
@@ -366,24 +391,33 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
 @triton.jit
 def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
                s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, lo, hi, sm_scale2,
-               BM: tl.constexpr, MASKED: tl.constexpr):
+               BM: tl.constexpr, MODE: tl.constexpr):
+    """MODE 0: whole query tiles below the key tile (no masks at all); 1: the causal diagonal (row
+    and causal masks); 2: a partial last query tile (row mask only)."""
     for i0 in range(lo, hi, BM):
         offs_m = i0 + offs_m0
-        rmask = offs_m < lq
         # Q, DO, CQ, LSE2, DELTA, BQ point at this document's first row and this head already:
         # in-document offsets stay 32-bit (fewer registers than 64-bit per-element addresses)
-        qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None], mask=rmask[None, :], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        cq = tl.load(CQ + offs_m * s_cq_t, mask=rmask, other=0.0)
-        lse2 = tl.load(LSE2 + offs_m * s_l_t, mask=rmask, other=float("inf"))
-        di = tl.load(DELTA + offs_m * s_l_t, mask=rmask, other=0.0)
+        if MODE == 0:
+            qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None])
+            do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :])
+            cq = tl.load(CQ + offs_m * s_cq_t)
+            lse2 = tl.load(LSE2 + offs_m * s_l_t)
+            di = tl.load(DELTA + offs_m * s_l_t)
+        else:
+            rmask = offs_m < lq
+            qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None], mask=rmask[None, :], other=0.0)
+            do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
+            cq = tl.load(CQ + offs_m * s_cq_t, mask=rmask, other=0.0)
+            lse2 = tl.load(LSE2 + offs_m * s_l_t, mask=rmask, other=float("inf"))
+            di = tl.load(DELTA + offs_m * s_l_t, mask=rmask, other=0.0)
         # the query tile lies inside one TILE of its document, so its fp64 base is one scalar
         dd = (tl.load(BQ + i0 * s_bq_t) - bk).to(tl.float32)
         # decay = (cq_i + dd) - ck_j: the query-side part joins the row statistic ([BM] work)
         lse2r = lse2 - (cq + dd) * 1.4426950408889634
         sT = tl.dot(k, qT)  # [BN, BM]
         sT = sT * sm_scale2 - col2[:, None]
-        if MASKED:
+        if MODE == 1:
             sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
         pT = tl.exp2(sT - lse2r[None, :])
         dv = dv + tl.dot(pT.to(do.dtype), do)
@@ -430,22 +464,26 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
             if USE_ACP:
                 # ENDS[z, h, ku]: first query unit that prunes key unit ku (see _Plan.dkdv_ends)
                 end = tl.minimum(lq, tl.load(ENDS + (z * H + h) * max_kunits + ku) * TILE)
+            Qh, DOh = Q + qs * s_q_t + h * s_q_h, DO + qs * s_do_t + h * s_do_h
+            CQh, BQh = CQ + qs * s_cq_t + h * s_cq_h, BQ + qs * s_bq_t + h * s_bq_h
+            LSE2h, DELTAh = LSE2 + qs * s_l_t + h * s_l_h, DELTA + qs * s_l_t + h * s_l_h
             if CAUSAL:
                 # diagonal: rows n0 .. n0+BN-1 see part of the tile
-                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q + qs * s_q_t + h * s_q_h, DO + qs * s_do_t + h * s_do_h,
-                                    CQ + qs * s_cq_t + h * s_cq_h, BQ + qs * s_bq_t + h * s_bq_h,
-                                    LSE2 + qs * s_l_t + h * s_l_h, DELTA + qs * s_l_t + h * s_l_h, bk, qs, lq, h,
+                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                         offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
                                         s_bq_t, s_bq_h, s_l_t, s_l_h, n0, tl.minimum(n0 + BN, end), sm_scale2,
-                                        BM, True)
+                                        BM, 1)
                 start = n0 + BN
             else:
                 start = 0
-            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Q + qs * s_q_t + h * s_q_h, DO + qs * s_do_t + h * s_do_h,
-                                    CQ + qs * s_cq_t + h * s_cq_h, BQ + qs * s_bq_t + h * s_bq_h,
-                                    LSE2 + qs * s_l_t + h * s_l_h, DELTA + qs * s_l_t + h * s_l_h, bk, qs, lq, h,
+            # whole query tiles need no mask at all; a partial last tile goes through the row-masked loop
+            mid = tl.maximum(start, tl.minimum(end, (lq // BM) * BM))
+            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, end, sm_scale2, BM, False)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0)
+            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
+                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2)
             tl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
         tl.store(DK + (ks + offs_n)[:, None] * s_dk_t + hk * s_dk_h + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask[:, None])
@@ -465,11 +503,13 @@ def _force_table(kernel: str, d: int) -> bool:
 
     Measured on the H200 (bf16, T=32k, D=128): the forward with its key loop starting at a loaded
     bound ran 11.3 ms against 13.7 ms with the constant start; at D=64 (T=16k) 3.56 against 3.41 ms.
+    The dq kernel through the table path, H100 fwd+bwd: 10.86 against 11.10 ms (T16k D64), 45.61
+    against 45.65 ms (T32k D128). ``FOXKERNELS_FORCE_TABLE=fwd,dq`` (a list, or ``none``) overrides.
     """
     env = os.environ.get("FOXKERNELS_FORCE_TABLE")
     if env is not None:
         return kernel in env.split(",")
-    return kernel == "fwd" and d >= 128
+    return kernel == "dq" or (kernel == "fwd" and d >= 128)
 
 
 def _config(d: int, tile: int):
@@ -479,7 +519,7 @@ def _config(d: int, tile: int):
     if d <= 64:
         cfg = dict(fwd=(128, 128, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3))
     else:
-        cfg = dict(fwd=(128, 64, 8, 4), dq=(128, 64, 8, 3), dkdv=(32, 128, 8, 2))
+        cfg = dict(fwd=(128, 64, 8, 4), dq=(128, 64, 8, 3), dkdv=(32, 128, 8, 3))
     if env:  # "fwd=128,64,4,3;dq=...;dkdv=..." (benchmark sweeps)
         for part in env.split(";"):
             key, val = part.split("=")
@@ -526,7 +566,7 @@ class _Plan:
         """
         if getattr(self, "_ends", None) is None:
             t, dev = self.tile, self.bound.device
-            nq = torch.tensor([-(-lq // t) for lq in self.lens_q], device=dev)
+            nq = self.units_q()
             valid = torch.arange(self.max_units, device=dev)[None, :] < nq[:, None]
             seq = torch.where(valid[..., None], self.bound, torch.iinfo(torch.int32).max)
             seq = seq.permute(0, 2, 1).contiguous()  # [n_docs, H, units]
@@ -534,6 +574,12 @@ class _Plan:
             ku = torch.arange(nk, dtype=torch.int32, device=dev).expand(self.n_docs, self.h, nk).contiguous()
             self._ends = torch.searchsorted(seq, ku, right=True).to(torch.int32)
         return self._ends
+
+    def units_q(self):
+        """Query units per document, on the device, from ``cu_q`` (no host-to-device copy: a
+        ``torch.tensor(list, device=cuda)`` would synchronise the stream)."""
+        t = self.tile
+        return torch.div(self.cu_q[1:] - self.cu_q[:-1] + (t - 1), t, rounding_mode="floor")
 
     def zero_table(self):
         """An all-zero ACP table (nothing pruned), for dense calls that take the table code path."""
@@ -553,7 +599,7 @@ class _Plan:
             total += sum(min(i, nk - 1) + 1 for i in range(nq)) if self.causal else nq * nk
         stats.tiles_total += total * self.h
         if self.bound is not None:
-            nq = torch.tensor([-(-lq // t) for lq in self.lens_q], device=self.bound.device)
+            nq = self.units_q()
             valid = torch.arange(self.max_units, device=self.bound.device)[None, :] < nq[:, None]
             stats.tiles_pruned += int(torch.where(valid[..., None], self.bound, 0).sum())
 
@@ -670,11 +716,26 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
 # ----------------------------------------------------------------------------------------------
 # single-device entry point
 # ----------------------------------------------------------------------------------------------
-def _doc_tables(cu: torch.Tensor, n_tok: int, device):
-    lens = [b - a for a, b in zip(cu.tolist(), cu.tolist()[1:])]
-    cu_d = cu.to(device=device, dtype=torch.int32)
-    seg = torch.repeat_interleave(torch.arange(len(lens), device=device),
-                                  torch.tensor(lens, device=device), output_size=n_tok)
+def _doc_tables(cu: torch.Tensor, n_tok: int, device, uniform: int | None = None):
+    """Document lengths (host list), ``cu`` on the device (int32) and each token's document index.
+
+    No host synchronisation: a ``torch.tensor(list, device=...)`` or ``cpu_tensor.to(cuda)`` copies from
+    pageable memory and waits for the whole stream. ``uniform = T`` (plain ``[B, T]`` batches) builds
+    both tables on the device; otherwise ``cu`` goes up through pinned memory without blocking.
+    """
+    cl = cu.tolist()
+    lens = [b - a for a, b in zip(cl, cl[1:])]
+    if uniform is not None:
+        cu_d = torch.arange(len(lens) + 1, dtype=torch.int32, device=device) * uniform
+        seg = torch.div(torch.arange(n_tok, device=device), max(uniform, 1), rounding_mode="floor")
+        return lens, cu_d, seg
+    cu32 = cu.to(torch.int32)
+    if torch.device(device).type == "cuda":
+        cu_d = cu32.pin_memory().to(device, non_blocking=True)
+    else:
+        cu_d = cu32.to(device)
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=device), (cu_d[1:] - cu_d[:-1]).long(),
+                                  output_size=n_tok)
     return lens, cu_d, seg
 
 
@@ -701,7 +762,7 @@ def _tile_prefix(g_flat: torch.Tensor, starts: torch.Tensor, tile: int):
 
 class _FoxAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, cu, delta, stats, tile):
+    def forward(ctx, q, k, v, g, scale, cu, delta, stats, tile, uniform):
         b, t, h, d = q.shape
         hkv = k.shape[2]
         n = b * t
@@ -709,7 +770,7 @@ class _FoxAttention(torch.autograd.Function):
         kf = k.reshape(n, hkv, d).contiguous()
         vf = v.reshape(n, hkv, d).contiguous()
         gf = g.reshape(n, h)
-        lens, cu_d, seg = _doc_tables(cu, n, q.device)
+        lens, cu_d, seg = _doc_tables(cu, n, q.device, uniform)
         starts = cu_d.long()[:-1][seg]
         cl, base = _tile_prefix(gf, starts, tile)
         plan = _Plan(cu_d, cu_d, lens, lens, cl, cl, base, base, delta, True, tile, h)
@@ -737,7 +798,7 @@ class _FoxAttention(torch.autograd.Function):
         dg = (rc[:, :-1] - rc[:, ends]).to(gdtype).t()
         hkv = kf.shape[1]
         return (dq.view(b, t, h, d), dk.view(b, t, hkv, d), dv.view(b, t, hkv, d), dg.reshape(b, t, h),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _bwd_pre(o, do, lse):
@@ -788,7 +849,8 @@ def forgetting_attention(q, k, v, g, *, scale: float | None = None, cu_seqlens: 
         elif dl.shape[0] != n_docs:
             raise ValueError(f"acp_delta with {dl.shape[0]} rows cannot map to {n_docs} documents")
         acp_delta = dl.to(q.device).contiguous()
-    o, lse = _FoxAttention.apply(q, k, v, g.float(), scale, cu, acp_delta, stats, tile)
+    o, lse = _FoxAttention.apply(q, k, v, g.float(), scale, cu, acp_delta, stats, tile,
+                                 t if cu_seqlens is None else None)
     return (o, lse) if return_lse else o
 
 
