@@ -17,7 +17,7 @@ same global values and therefore skip exactly the same tiles.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,20 +45,42 @@ class CommCounters:
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
 
-@dataclass
 class AcpStats:
     """Counters of (batch, head, query tile, key tile) work items; mutable, summed across calls.
 
     ``tiles_total`` counts tiles inside the causal/document mask, ``tiles_pruned`` the ones skipped
-    (by the kernels, or by the context-parallel exchange that never fetched their keys). ``comm``
-    holds context-parallel traffic per layer (:class:`CommCounters`, key ``None`` when the caller
-    gave no layer); :meth:`for_layer` gives the view a layer passes down.
+    (by the kernels, or by the context-parallel exchange that never fetched their keys). Kernels add
+    their pruned counts as device tensors through :meth:`add_pruned`; they are summed into an int only
+    when ``tiles_pruned`` is read, so counting costs no host synchronisation per call. ``comm`` holds
+    context-parallel traffic per layer (:class:`CommCounters`, key ``None`` when the caller gave no
+    layer); :meth:`for_layer` gives the view a layer passes down.
     """
 
-    tiles_total: int = 0
-    tiles_pruned: int = 0
-    extra: dict = field(default_factory=dict)
-    comm: dict = field(default_factory=dict)
+    def __init__(self, tiles_total: int = 0, tiles_pruned: int = 0):
+        self.tiles_total = tiles_total
+        self._pruned = tiles_pruned
+        self._pending: list = []
+        self.extra: dict = {}
+        self.comm: dict = {}
+
+    def add_pruned(self, n) -> None:
+        """Add a pruned-tile count: an int, or a device tensor summed lazily."""
+        if isinstance(n, torch.Tensor):
+            self._pending.append(n.detach().sum())
+        else:
+            self._pruned += int(n)
+
+    @property
+    def tiles_pruned(self) -> int:
+        if self._pending:
+            self._pruned += int(torch.stack([x.to(torch.int64).cpu() for x in self._pending]).sum())
+            self._pending.clear()
+        return self._pruned
+
+    @tiles_pruned.setter
+    def tiles_pruned(self, value: int) -> None:
+        self._pending.clear()
+        self._pruned = int(value)
 
     @property
     def pruned_fraction(self) -> float:
@@ -72,7 +94,7 @@ class AcpStats:
     def counters(self) -> CommCounters:
         return self.comm.setdefault(None, CommCounters())
 
-    def for_layer(self, layer: int) -> "LayerStats":
+    def for_layer(self, layer: int) -> LayerStats:
         return LayerStats(self, layer)
 
     def comm_total(self) -> CommCounters:
@@ -80,6 +102,9 @@ class AcpStats:
         for c in self.comm.values():
             total.add(c)
         return total
+
+    def __repr__(self):
+        return f"AcpStats(tiles_total={self.tiles_total}, tiles_pruned={self.tiles_pruned})"
 
 
 class LayerStats:
@@ -91,6 +116,9 @@ class LayerStats:
 
     tiles_total = property(lambda s: s.parent.tiles_total, lambda s, v: setattr(s.parent, "tiles_total", v))
     tiles_pruned = property(lambda s: s.parent.tiles_pruned, lambda s, v: setattr(s.parent, "tiles_pruned", v))
+
+    def add_pruned(self, n) -> None:
+        self.parent.add_pruned(n)
 
     def counters(self) -> CommCounters:
         return self.parent.comm.setdefault(self.layer, CommCounters())

@@ -56,7 +56,7 @@ def _plan(cq, ck, offset, causal, acp_delta, tile, stats):
         total = sum(last_k[i] + 1 for i in range(nq)) * b * h
         pruned = int(bound.sum()) if bound is not None else 0
         stats.tiles_total += total
-        stats.tiles_pruned += pruned
+        stats.add_pruned(pruned)
     return nq, first_k, last_k, bound
 
 

@@ -458,4 +458,4 @@ def _visit(a, bb, ia, blocks, got, n, h, bsz, tile, stats, xp, fn):
             fn(qs, pc, kp, vp, cp, slice(ks0 - lo, k1 - lo), od)
         if stats is not None and missing > 0:
             stats.tiles_total += missing
-            stats.tiles_pruned += missing
+            stats.add_pruned(missing)

@@ -601,7 +601,7 @@ class _Plan:
         if self.bound is not None:
             nq = self.units_q()
             valid = torch.arange(self.max_units, device=self.bound.device)[None, :] < nq[:, None]
-            stats.tiles_pruned += int(torch.where(valid[..., None], self.bound, 0).sum())
+            stats.add_pruned(torch.where(valid[..., None], self.bound, 0))  # summed on read: no sync here
 
 
 # Outputs are allocated with torch.empty; tests set FOXKERNELS_POISON=1 to NaN-fill them (-1 for ints)
