@@ -114,6 +114,8 @@ the same kernel was only 8-15% faster.
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 
 import torch
@@ -514,7 +516,11 @@ def _force_table(kernel: str, d: int) -> bool:
 
 def _config(d: int, tile: int):
     """Tile shapes and warps per head dim. Every block size divides ``tile`` (the ACP unit)."""
-    env = os.environ.get("FOXKERNELS_CONFIG")
+    return _config_cached(d, tile, os.environ.get("FOXKERNELS_CONFIG"))
+
+
+@functools.lru_cache(maxsize=64)
+def _config_cached(d: int, tile: int, env: str | None):
     # (BLOCK_M, BLOCK_N, warps, stages) from the H100 sweep in bench/results (T = 16k, bf16)
     if d <= 64:
         cfg = dict(fwd=(128, 128, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3))
@@ -538,7 +544,8 @@ def _config(d: int, tile: int):
 class _Plan:
     """Everything the kernels need besides q, k, v: document table, decay inputs, ACP table."""
 
-    def __init__(self, cu_q, cu_k, lens_q, lens_k, cq, ck, bq, bk, delta, causal, tile, h):
+    def __init__(self, cu_q, cu_k, lens_q, lens_k, cq, ck, bq, bk, delta, causal, tile, h, tabs=None):
+        self.tabs = tabs  # _DocTables of the single-device entry point (cached per layout), or None
         self.cu_q, self.cu_k = cu_q, cu_k
         self.lens_q, self.lens_k = lens_q, lens_k
         self.cq, self.ck, self.bq, self.bk = cq, ck, bq, bk
@@ -564,6 +571,13 @@ class _Plan:
         The dkdv kernel then loops over query rows ``[.., min(Lq, ends * TILE))``, skipping the same
         (query unit, key unit) pairs as the forward and the dq kernel.
         """
+        if getattr(self, "_ends", None) is None and self.tabs is not None:
+            tb = self.tabs  # same values as below from cached tables: no index tensors built per call
+            seq = self.bound if tb.valid3 is None else \
+                torch.where(tb.valid3, self.bound, torch.iinfo(torch.int32).max)
+            seq = seq.permute(0, 2, 1).contiguous()  # [n_docs, H, units]
+            self._ends = torch.searchsorted(seq, tb.key_units(self.h, max(1, -(-self.max_k // self.tile))),
+                                            right=True, out_int32=True)
         if getattr(self, "_ends", None) is None:
             t, dev = self.tile, self.bound.device
             nq = self.units_q()
@@ -591,6 +605,12 @@ class _Plan:
     def count(self, stats):
         """Add this call's unit counts to an AcpStats (tiles_total, tiles_pruned)."""
         if stats is None:
+            return
+        if self.tabs is not None and self.causal:
+            stats.tiles_total += self.tabs.tiles_total * self.h
+            if self.bound is not None:
+                tb = self.tabs
+                stats.add_pruned(self.bound if tb.valid3 is None else torch.where(tb.valid3, self.bound, 0))
             return
         t = self.tile
         total = 0
@@ -739,11 +759,69 @@ def _doc_tables(cu: torch.Tensor, n_tok: int, device, uniform: int | None = None
     return lens, cu_d, seg
 
 
-def _tile_prefix(g_flat: torch.Tensor, starts: torch.Tensor, tile: int):
+class _DocTables:
+    """Index tables of one document layout (``n`` tokens, document lengths, ``tile``, device, heads).
+
+    They depend on the layout alone, so they are built once and reused by every layer and by the
+    backward pass (:func:`_doc_layout`), instead of about twenty small device ops per attention call:
+    ``tstart`` (each token's tile start, for the fp64 tile bases), ``ends`` (each token's document end,
+    for ``dg``; None for a single document, whose end is ``n`` for every token), the ACP validity mask
+    and the causal tile count.
+    """
+
+    def __init__(self, lens, cu_d, seg, n, tile, h):
+        self.lens, self.cu_d, self.tile, self.h = lens, cu_d, tile, h
+        starts = cu_d.long()[:-1][seg]
+        t = torch.arange(n, device=cu_d.device)
+        self.tstart = starts + ((t - starts) // tile) * tile
+        self.ends = None if len(lens) == 1 else cu_d.long()[1:][seg]
+        units = [-(-lq // tile) for lq in lens]
+        max_units = max(1, max(units)) if units else 1
+        if all(u == max_units for u in units):
+            self.valid3 = None  # every document has max_units query units: no padding rows in the ACP table
+        else:
+            nq = torch.div(cu_d[1:] - cu_d[:-1] + (tile - 1), tile, rounding_mode="floor")
+            self.valid3 = (torch.arange(max_units, device=cu_d.device)[None, :] < nq[:, None])[..., None]
+        self.tiles_total = sum(sum(min(i, u - 1) + 1 for i in range(u)) for u in units)  # causal, per head
+        self._ku = {}
+
+    def key_units(self, h, nk):
+        """``[n_docs, H, nk]`` int32 key-unit indices (the values searched in the dkdv ends table)."""
+        ku = self._ku.get((h, nk))
+        if ku is None:
+            ku = torch.arange(nk, dtype=torch.int32, device=self.cu_d.device).expand(len(self.lens), h, nk)
+            ku = self._ku[(h, nk)] = ku.contiguous()
+        return ku
+
+
+_LAYOUTS: collections.OrderedDict = collections.OrderedDict()
+_LAYOUTS_MAX = 8
+
+
+def _doc_layout(b: int, t: int, cu: torch.Tensor | None, h: int, tile: int, device) -> _DocTables:
+    """The (cached) :class:`_DocTables` of ``B`` documents of length ``T`` (``cu = None``) or of the
+    packed documents of ``cu`` (int64 on the host), least recently used first out past 8 layouts."""
+    n = b * t
+    key = (b, t, None if cu is None else tuple(cu.tolist()), h, tile, device)
+    tabs = _LAYOUTS.get(key)
+    if tabs is not None:
+        _LAYOUTS.move_to_end(key)
+        return tabs
+    cu_h = torch.arange(b + 1, dtype=torch.int64) * t if cu is None else cu
+    lens, cu_d, seg = _doc_tables(cu_h, n, device, t if cu is None else None)
+    tabs = _DocTables(lens, cu_d, seg, n, tile, h)
+    _LAYOUTS[key] = tabs
+    while len(_LAYOUTS) > _LAYOUTS_MAX:
+        _LAYOUTS.popitem(last=False)
+    return tabs
+
+
+def _tile_prefix(g_flat: torch.Tensor, tstart: torch.Tensor):
     """Tile-local fp32 prefix sums and the fp64 sum before each token's tile (tiles restart per document).
 
     Args:
-        g_flat: ``[N, H]`` log gates; starts: ``[N]`` start index of each token's document.
+        g_flat: ``[N, H]`` log gates; tstart: ``[N]`` int64 index of the first token of each token's tile
+            (tiles of ``tile`` tokens restart at every document start; :class:`_DocTables`).
     Returns:
         ``cl [N, H]`` fp32, ``base [N, H]`` fp64 with ``c_t (document-local) = base_t + cl_t``
         up to a per-document constant (which cancels in every ``c_i - c_j`` of one document).
@@ -753,9 +831,7 @@ def _tile_prefix(g_flat: torch.Tensor, starts: torch.Tensor, tile: int):
     # sequential loop per column
     c64 = g_flat.t().double().cumsum(-1)  # [H, N]
     cz = torch.cat([c64.new_zeros(h, 1), c64], 1)
-    t = torch.arange(n, device=g_flat.device)
-    tstart = starts + ((t - starts) // tile) * tile
-    base = cz[:, tstart]
+    base = cz.index_select(1, tstart)
     cl = (c64 - base).float()
     return cl.t(), base.t()  # logical [N, H], head-major storage
 
@@ -770,13 +846,13 @@ class _FoxAttention(torch.autograd.Function):
         kf = k.reshape(n, hkv, d).contiguous()
         vf = v.reshape(n, hkv, d).contiguous()
         gf = g.reshape(n, h)
-        lens, cu_d, seg = _doc_tables(cu, n, q.device, uniform)
-        starts = cu_d.long()[:-1][seg]
-        cl, base = _tile_prefix(gf, starts, tile)
-        plan = _Plan(cu_d, cu_d, lens, lens, cl, cl, base, base, delta, True, tile, h)
+        tabs = _doc_layout(b, t, None if uniform is not None else cu, h, tile, q.device)
+        cu_d, lens = tabs.cu_d, tabs.lens
+        cl, base = _tile_prefix(gf, tabs.tstart)
+        plan = _Plan(cu_d, cu_d, lens, lens, cl, cl, base, base, delta, True, tile, h, tabs)
         plan.count(stats)
         o, lse = _run_fwd(qf, kf, vf, plan, scale, q.dtype)
-        ctx.save_for_backward(qf, kf, vf, o, lse, seg, cu_d)
+        ctx.save_for_backward(qf, kf, vf, o, lse)
         ctx.plan = plan
         ctx.cfg = (scale, b, t, g.dtype)
         ctx.mark_non_differentiable(lse)
@@ -784,7 +860,7 @@ class _FoxAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        qf, kf, vf, o, lse, seg, cu_d = ctx.saved_tensors
+        qf, kf, vf, o, lse = ctx.saved_tensors
         plan = ctx.plan
         scale, b, t, gdtype = ctx.cfg
         n, h, d = qf.shape
@@ -793,9 +869,12 @@ class _FoxAttention(torch.autograd.Function):
         dq, dk, dv, dc = _run_bwd(dof, qf, kf, vf, plan, scale, lse2, delta, qf.dtype)
         # g_u enters every c_t with t >= u of its document: dg_u = sum_{t >= u, same doc} dc_t
         rc = dc.t().double().flip(-1).cumsum(-1).flip(-1)  # [H, N], fp64
-        rc = torch.cat([rc, rc.new_zeros(h, 1)], 1)
-        ends = cu_d.long()[1:][seg]
-        dg = (rc[:, :-1] - rc[:, ends]).to(gdtype).t()
+        ends = plan.tabs.ends
+        if ends is None:  # one document: its end is n for every token, where the padded rc is 0 (x - 0 = x)
+            dg = rc.to(gdtype).t()
+        else:
+            rc = torch.cat([rc, rc.new_zeros(h, 1)], 1)
+            dg = (rc[:, :-1] - rc.index_select(1, ends)).to(gdtype).t()
         hkv = kf.shape[1]
         return (dq.view(b, t, h, d), dk.view(b, t, hkv, d), dv.view(b, t, hkv, d), dg.reshape(b, t, h),
                 None, None, None, None, None, None)
@@ -834,16 +913,17 @@ def forgetting_attention(q, k, v, g, *, scale: float | None = None, cu_seqlens: 
     b, t, h, d = q.shape
     scale = d ** -0.5 if scale is None else float(scale)
     if cu_seqlens is None:
-        cu = torch.arange(b + 1, dtype=torch.int64) * t  # one document per batch entry
+        cu = None  # one document per batch entry (tables from B and T: _doc_layout)
+        n_docs = b
     else:
         if b != 1:
             raise ValueError("cu_seqlens requires B = 1")
         cu = cu_seqlens.detach().to("cpu", torch.int64)
+        n_docs = cu.numel() - 1
     if acp_delta is not None:
         dl = torch.as_tensor(acp_delta, dtype=torch.float64)
         dl = dl.reshape((1,) * (2 - dl.dim()) + tuple(dl.shape)) if dl.dim() < 2 else dl
         dl = torch.broadcast_to(dl, (dl.shape[0], h))
-        n_docs = cu.numel() - 1
         if dl.shape[0] == 1:
             dl = dl.expand(n_docs, h)
         elif dl.shape[0] != n_docs:
