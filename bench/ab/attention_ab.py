@@ -11,7 +11,7 @@ fwd+bwd per kernel. On a CUDA machine, from the repository root:
 Configs are ``BM,BN,warps,stages`` separated by ``;`` (the first is the one timed at T64k).
 Writes ``OUTDIR/ab.json`` and prints a table.
 """
-import contextlib, json, math, os, sys, time
+import contextlib, json, math, os, sys
 import torch, triton
 import torch.nn.functional as F
 import fk_old as OLD
