@@ -16,7 +16,7 @@
 # Needs: torch + triton with CUDA; foxdist installed (pip install -e .) for the train stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=${1:-$(nvidia-smi -L | wc -l)}
+N=${1:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 OUT=${2:-bench/results}
 STAGES=${STAGES:-"attention exchange train"}
 STEPS=${STEPS:-100}
