@@ -50,7 +50,8 @@ import torch
 
 from ..ops.acp import acp_threshold
 from ..ops.block import merge_lse
-from .ring import RingComm, RingPlan, _global_table, _pair_operands, _prefix_sums, buffer_layout, unpack
+from .ring import (RingComm, RingPlan, _global_table, _pair_operands, _prefix_sums, buffer_layout, gate_grad,
+                   scan_offsets, unpack)
 
 TAG_X, TAG_DX = 21, 22
 DEFAULT_SEGMENTS = 4
@@ -87,6 +88,20 @@ class ExchangePlan:
     skipped: int = 0  # transfers this rank would send under causality that ACP made unnecessary
     dense_sends: tuple = (0, 0)  # (KV sends, dKV sends) of this rank in the dense one-way ring
     extra: dict = field(default_factory=dict)
+    _indices: dict = field(default_factory=dict, repr=False)
+
+    def index(self, heads: tuple, h: int, device):
+        """Head-index tensor of a selection out of ``h`` heads (None: all of them), made once per call
+        and shared by forward and backward; copied from pinned memory so no call blocks the host."""
+        if len(heads) == h:
+            return None
+        key = (heads, device)
+        if key not in self._indices:
+            idx = torch.tensor(heads, dtype=torch.long)
+            if device.type == "cuda":
+                idx = idx.pin_memory().to(device, non_blocking=True)
+            self._indices[key] = idx
+        return self._indices[key]
 
 
 def segments_for(n: int, tile: int, segments: int) -> int:
@@ -147,15 +162,9 @@ def build_exchange(comm: RingComm, plan: RingPlan, q, k, g, tot, *, scale: float
     segs = segments_for(n, tile, segments)
     m = n // segs
     local = _local_table(g, n, segs, q if bound is None else None, k, tot)
-    parts = comm.all_gather(local)
+    table = _global_table(comm, plan, local, exclusive="none")  # [B, C, H, F]: the one collective
     nch = lay.n_chunks
-    table = torch.zeros((bsz, nch, h, local.shape[-1]), dtype=torch.float64, device=local.device)
-    for r, part in enumerate(parts):
-        for i, c in enumerate(lay.chunks(r)):
-            table[:, c] = part[:, i]
-    # offsets exactly as the dense ring computes them (same values, same ops, same device)
-    inc = table[..., 0].cumsum(dim=1)
-    excl = torch.cat([torch.zeros_like(inc[:, :1]), inc[:, :-1]], dim=1)
+    excl, inc = scan_offsets(table[..., 0])  # bit-identical to the dense ring's offsets
     host = table.cpu()
     if bound is None:
         u = host[..., -2].amax(1) * host[..., -1].amax(1) * scale
@@ -203,28 +212,22 @@ def build_exchange(comm: RingComm, plan: RingPlan, q, k, g, tot, *, scale: float
     send = {s: p for s, p in send.items() if p}
     recv = {s: p for s, p in recv.items() if p}
     skipped = sum(1 for s in range(1, w) if ((me + s) % w, me) in plan.pairs and s not in send)
-    kv_sends = sum(1 for s in range(plan.steps) if plan.holds(me, s) and s < plan.last[(me - s) % w])
-    dkv_sends = sum(1 for s in range(1, plan.steps) if plan.holds(me, s))
     return ExchangePlan(active, send, recv, rows > 0, rows, excl, inc, delta.to(q.device), skipped,
-                        (kv_sends, dkv_sends), {"segments": segs})
+                        plan.sends(me), {"segments": segs})
 
 
 # ----------------------------------------------------------------------------------------- pieces
-
-def _index(idx: tuple, h: int, device):
-    return None if len(idx) == h else torch.tensor(idx, dtype=torch.long, device=device)
-
 
 def _heads(x: torch.Tensor, idx) -> torch.Tensor:
     return x if idx is None else x.index_select(2, idx)
 
 
-def _gather_pieces(plist, k, v, ckr, n):
+def _gather_pieces(xp, plist, k, v, ckr, n):
     """Tensors of the pieces this rank sends, in order: k, v, ckr tails for the selected heads."""
     out = []
     for pc in plist:
         rows = slice(pc.ib * n + n - pc.length, pc.ib * n + n)
-        kvi, qi = _index(pc.kv_heads, k.shape[2], k.device), _index(pc.q_heads, ckr.shape[2], k.device)
+        kvi, qi = xp.index(pc.kv_heads, k.shape[2], k.device), xp.index(pc.q_heads, ckr.shape[2], k.device)
         out += [_heads(k[:, rows], kvi), _heads(v[:, rows], kvi), _heads(ckr[:, rows], qi)]
     return out
 
@@ -254,11 +257,21 @@ def _post_kv(comm, xp, s, k, v, ckr, n, spec, counters):
     sends, recvs, meta = [], [], None
     if s in xp.send:
         specs = [sp for pc in xp.send[s] for sp in spec(pc)]
-        sends.append((_pack_into(_gather_pieces(xp.send[s], k, v, ckr, n), specs, k.device), (me + s) % w, TAG_X))
+        sends.append((_pack_into(_gather_pieces(xp, xp.send[s], k, v, ckr, n), specs, k.device), (me + s) % w, TAG_X))
     if s in xp.recv:
         buf, meta = _alloc(xp.recv[s], spec, k.device)
         recvs.append((buf, (me - s) % w, TAG_X))
     return comm.exchange(sends, recvs, counters), recvs, meta
+
+
+def _dense_ring_bytes(xp, k, v, ckr, backward_acc=None) -> int:
+    """What the dense one-way ring sends from this rank in one pass: its packed KV blocks, and in the
+    backward also its dK/dV/dc accumulators (in ``backward_acc``)."""
+    kv = buffer_layout([(k.shape, k.dtype), (v.shape, v.dtype), (ckr.shape, ckr.dtype)])[1]
+    total = xp.dense_sends[0] * kv
+    if backward_acc is not None:
+        total += xp.dense_sends[1] * buffer_layout([(x.shape, backward_acc) for x in (k, v, ckr)])[1]
+    return total
 
 
 def _tiles(lo: int, hi: int, tile: int) -> int:
@@ -290,8 +303,7 @@ class AcpExchangeAttention(torch.autograd.Function):
         counters = stats.counters() if stats is not None else None
         if counters is not None:
             counters.transfers_skipped += xp.skipped
-            kvb = buffer_layout([(k.shape, k.dtype), (v.shape, v.dtype), (ckr.shape, ckr.dtype)])[1]
-            counters.dense_bytes += xp.dense_sends[0] * kvb
+            counters.dense_bytes += _dense_ring_bytes(xp, k, v, ckr)
         o = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full((b, t, h), float("-inf"), dtype=acc, device=q.device)
         spec = lambda pc: pc.specs(b, d, k.dtype, ckr.dtype, v.dtype)
@@ -300,7 +312,7 @@ class AcpExchangeAttention(torch.autograd.Function):
             return _post_kv(comm, xp, s, k, v, ckr, n, spec, counters)
 
         def attend(qs, heads, kb, vb, ckb, od, causal):
-            qi = _index(heads, h, q.device)
+            qi = xp.index(heads, h, q.device)
             ob, lb = fwd(_heads(q[:, qs], qi), kb, vb, _heads(cl[:, qs], qi), ckb, od if qi is None else od[:, qi],
                          scale=scale, causal=causal, acp_delta=xp.delta if qi is None else xp.delta[:, qi], tile=tile,
                          stats=stats)
@@ -321,7 +333,7 @@ class AcpExchangeAttention(torch.autograd.Function):
             reqs.wait()
             pending = post(xp.shifts[i + 1]) if i + 1 < len(xp.shifts) else None
             got = _split(unpack(recvs[0][0], meta), xp.recv[s]) if recvs else []
-            for ia, ib, a, bb, blocks in plan.pairs.get((me, (me - s) % w), []):
+            for ia, _ib, a, bb, blocks in plan.pairs.get((me, (me - s) % w), []):
                 _visit(a, bb, ia, blocks, got, n, h, b, tile, stats, xp, lambda qs, pc, kp, vp, cp, ks, od:
                        attend(qs, pc.q_heads, kp[:, ks], vp[:, ks], cp[:, ks], od, False))
         if pending is not None:
@@ -329,7 +341,7 @@ class AcpExchangeAttention(torch.autograd.Function):
         if stats is not None:  # pairs of shifts that no rank needed: all their tiles were pruned
             for s in range(1, w):
                 if s not in xp.shifts:
-                    for ia, ib, a, bb, blocks in plan.pairs.get((me, (me - s) % w), []):
+                    for ia, _ib, a, bb, blocks in plan.pairs.get((me, (me - s) % w), []):
                         _visit(a, bb, ia, blocks, [], n, h, b, tile, stats, xp, None)
         res = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, g, res, lse)
@@ -346,9 +358,7 @@ class AcpExchangeAttention(torch.autograd.Function):
         b, t, h, d = q.shape
         cl, ckr, _ = _prefix_sums(g, n)
         if counters is not None:
-            kvb = buffer_layout([(k.shape, k.dtype), (v.shape, v.dtype), (ckr.shape, ckr.dtype)])[1]
-            dkvb = buffer_layout([(k.shape, acc), (v.shape, acc), (ckr.shape, acc)])[1]
-            counters.dense_bytes += xp.dense_sends[0] * kvb + xp.dense_sends[1] * dkvb
+            counters.dense_bytes += _dense_ring_bytes(xp, k, v, ckr, backward_acc=acc)
         delta_sm = (do.to(acc) * o.to(acc)).sum(dim=-1)
         do = do.contiguous()
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -362,7 +372,7 @@ class AcpExchangeAttention(torch.autograd.Function):
             return _post_kv(comm, xp, s, k, v, ckr, n, spec, counters)
 
         def grads(qs, heads, kb, vb, ckb, od, causal):
-            qi = _index(heads, h, q.device)
+            qi = xp.index(heads, h, q.device)
             sel = (lambda x: x[:, qs]) if qi is None else (lambda x: x[:, qs].index_select(2, qi))
             dqb, dkb, dvb, dcb = bwd(sel(do), sel(q), kb, vb, sel(cl), ckb, od if qi is None else od[:, qi], sel(lse),
                                      sel(delta_sm), scale=scale, causal=causal,
@@ -380,7 +390,7 @@ class AcpExchangeAttention(torch.autograd.Function):
             if recvs:
                 for pc, (dk_p, dv_p, dc_p) in _split(unpack(recvs[0][0], meta), plist):
                     rows = slice(pc.ib * n + n - pc.length, pc.ib * n + n)
-                    kvi, qi = _index(pc.kv_heads, k.shape[2], q.device), _index(pc.q_heads, h, q.device)
+                    kvi, qi = xp.index(pc.kv_heads, k.shape[2], q.device), xp.index(pc.q_heads, h, q.device)
                     for x, y, idx in zip(remote, (dk_p, dv_p, dc_p), (kvi, kvi, qi)):
                         if idx is None:
                             x[:, rows] += y
@@ -410,7 +420,7 @@ class AcpExchangeAttention(torch.autograd.Function):
                 for x, y in zip(dgot[pc], (dkb, dvb, dcb)):
                     x[:, ks] += y
 
-            for ia, ib, a, bb, blocks in plan.pairs.get((me, (me - s) % w), []):
+            for ia, _ib, a, bb, blocks in plan.pairs.get((me, (me - s) % w), []):
                 _visit(a, bb, ia, blocks, got, n, h, b, tile, None, xp, step)
             dsends, drecvs, dmeta = [], [], None
             if got:
@@ -429,12 +439,7 @@ class AcpExchangeAttention(torch.autograd.Function):
         for x, y in zip(own, remote):
             x += y
         dk, dv, dc = own
-        bsz, _, _ = g.shape
-        nloc = t // n
-        dcl = dc.double().view(bsz, nloc, n, h)
-        suffix = _global_table(comm, plan, dcl.sum(dim=2), exclusive="suffix")
-        dg = dcl.flip(2).cumsum(2).flip(2) + suffix[:, plan.layout.chunks(me)][:, :, None]
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.view(bsz, t, h).to(g.dtype),
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), gate_grad(comm, plan, dc).to(g.dtype),
                 None, None, None, None, None, None, None, None, None, None, None)
 
 
@@ -445,6 +450,7 @@ def _visit(a, bb, ia, blocks, got, n, h, bsz, tile, stats, xp, fn):
         assert not causal
         qs = slice(ia * n + q0, ia * n + q1)
         nq = _tiles(q0, q1, tile)
+        od = _pair_operands(a, bb, xp.excl, xp.inc, None, None)[1]
         missing = bsz * h * nq * _tiles(k0, k1, tile)
         for pc, (kp, vp, cp) in got:
             if pc.chunk != bb:
@@ -454,7 +460,6 @@ def _visit(a, bb, ia, blocks, got, n, h, bsz, tile, stats, xp, fn):
             if ks0 >= k1:
                 continue
             missing -= bsz * len(pc.q_heads) * nq * _tiles(ks0, k1, tile)
-            od = xp.excl[:, a] - xp.inc[:, bb]
             fn(qs, pc, kp, vp, cp, slice(ks0 - lo, k1 - lo), od)
         if stats is not None and missing > 0:
             stats.tiles_total += missing

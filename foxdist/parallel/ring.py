@@ -136,6 +136,15 @@ class RingPlan:
         """Whether ``rank`` holds a KV block at ``step`` (origin ``rank - step``)."""
         return step <= self.last[(rank - step) % self.layout.world]
 
+    def forwards(self, rank: int, step: int) -> bool:
+        """Whether ``rank`` passes the KV block it holds at ``step`` on to its successor."""
+        return self.holds(rank, step) and step < self.last[(rank - step) % self.layout.world]
+
+    def sends(self, rank: int) -> tuple[int, int]:
+        """P2P sends of ``rank`` in one call: (KV blocks per pass, dKV accumulators in the backward)."""
+        return (sum(self.forwards(rank, s) for s in range(self.steps)),
+                sum(self.holds(rank, s) for s in range(1, self.steps)))
+
 
 # ----------------------------------------------------------------------------------- communication
 
@@ -229,11 +238,27 @@ def _prefix_sums(g: torch.Tensor, n: int):
 
 
 def _offsets(comm: RingComm, plan: RingPlan, tot: torch.Tensor):
-    """fp64 ``[B, n_chunks, H]`` offsets in global chunk order from one all-gather of the totals:
-    sums over the chunks before k (exclusive) and up to k (inclusive)."""
-    table = _global_table(comm, plan, tot, exclusive="none")
-    inc = table.cumsum(dim=1)
+    """fp64 ``[B, n_chunks, H]`` offsets in global chunk order from one all-gather of the totals."""
+    return scan_offsets(_global_table(comm, plan, tot, exclusive="none"))
+
+
+def scan_offsets(totals: torch.Tensor):
+    """``(excl, inc)`` from chunk totals ``[B, n_chunks, H]`` in global order: the sums over the
+    chunks before k and up to k. The one place they are computed, so that every exchange scheme
+    feeds the kernels bit-identical offsets."""
+    inc = totals.cumsum(dim=1)
     return torch.cat([torch.zeros_like(inc[:, :1]), inc[:, :-1]], dim=1), inc
+
+
+def gate_grad(comm: RingComm, plan: RingPlan, dc: torch.Tensor) -> torch.Tensor:
+    """``dg_u = sum_{t >= u} dc_t`` for this rank's chunks, fp64 ``[B, T_local, H]``: the reverse
+    cumsum inside each chunk plus the totals of all later chunks (one small all-gather)."""
+    b, t, h = dc.shape
+    n = plan.chunk_len
+    dcl = dc.double().view(b, t // n, n, h)
+    suffix = _global_table(comm, plan, dcl.sum(dim=2), exclusive="suffix")
+    dg = dcl.flip(2).cumsum(2).flip(2) + suffix[:, plan.layout.chunks(comm.me)][:, :, None]
+    return dg.view(b, t, h)
 
 
 def _pair_operands(a, b, excl, inc, cl, ckr_b):
@@ -250,10 +275,11 @@ def _pair_operands(a, b, excl, inc, cl, ckr_b):
 
 
 def _global_table(comm, plan, local, exclusive):
-    """Gather per-chunk values ``[B, n_local, H]`` of all ring ranks into global order and scan."""
+    """Gather per-chunk values ``[B, n_local, ...]`` of all ring ranks into fp64 global order
+    ``[B, n_chunks, ...]`` and, for ``"prefix"``/``"suffix"``, scan over the chunks."""
     parts = comm.all_gather(local)
-    b, _, h = local.shape
-    table = torch.zeros(b, plan.layout.n_chunks, h, dtype=torch.float64, device=local.device)
+    table = torch.zeros((local.shape[0], plan.layout.n_chunks) + tuple(local.shape[2:]), dtype=torch.float64,
+                        device=local.device)
     for r, part in enumerate(parts):
         for i, c in enumerate(plan.layout.chunks(r)):
             table[:, c] = part[:, i]
@@ -277,7 +303,6 @@ class RingAttention(torch.autograd.Function):
         b, t, h, d = q.shape
         cl, ckr, tot = _prefix_sums(g, n)
         excl, inc = _offsets(comm, plan, tot)
-        nloc = t // n
         o = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full((b, t, h), float("-inf"), dtype=acc, device=q.device)
         counters = stats.counters() if stats is not None else None
@@ -285,7 +310,7 @@ class RingAttention(torch.autograd.Function):
         spare = torch.empty_like(cur)
         for s in range(plan.steps):
             p = (me - s) % w
-            sends = [(cur, (me + 1) % w, TAG_KV)] if plan.holds(me, s) and s < plan.last[p] else []
+            sends = [(cur, (me + 1) % w, TAG_KV)] if plan.forwards(me, s) else []
             recvs = [(spare, (me - 1) % w, TAG_KV)] if plan.holds(me, s + 1) else []
             reqs = comm.exchange(sends, recvs, counters, dense=True)
             if plan.holds(me, s) and (me, p) in plan.pairs:
@@ -302,13 +327,13 @@ class RingAttention(torch.autograd.Function):
                 cur, spare = spare, cur
         out = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, g, out, lse)
-        ctx.cfg = (comm, plan, scale, acp_delta, tile, nloc, fns, counters)
+        ctx.cfg = (comm, plan, scale, acp_delta, tile, fns, counters)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, o, lse = ctx.saved_tensors
-        comm, plan, scale, acp_delta, tile, nloc, fns, counters = ctx.cfg
+        comm, plan, scale, acp_delta, tile, fns, counters = ctx.cfg
         _, bwd = fns
         me, w, n = comm.me, comm.size, plan.chunk_len
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -330,7 +355,7 @@ class RingAttention(torch.autograd.Function):
         for s in range(plan.steps):
             p = (me - s) % w
             holds = plan.holds(me, s)
-            sends = [(cur, (me + 1) % w, TAG_KV)] if holds and s < plan.last[p] else []
+            sends = [(cur, (me + 1) % w, TAG_KV)] if plan.forwards(me, s) else []
             recvs = [(spare, (me - 1) % w, TAG_KV)] if plan.holds(me, s + 1) else []
             reqs = comm.exchange(sends, recvs, counters, dense=True)
             dkv = None
@@ -387,11 +412,5 @@ class RingAttention(torch.autograd.Function):
             for x, y in zip(home, unpack(home_buf, dmeta)):
                 x += y
         dk, dv, dc = home
-        # dg_u = sum_{t >= u} dc_t: reverse cumsum inside the chunk + sum over all later chunks
-        b, t, h = g.shape
-        dcl = dc.double().view(b, nloc, n, h)
-        suffix = _global_table(comm, plan, dcl.sum(dim=2), exclusive="suffix")
-        chunks = plan.layout.chunks(me)
-        dg = dcl.flip(2).cumsum(2).flip(2) + suffix[:, chunks][:, :, None]
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.view(b, t, h).to(g.dtype),
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), gate_grad(comm, plan, dc).to(g.dtype),
                 None, None, None, None, None, None, None)
