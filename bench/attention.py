@@ -42,6 +42,13 @@ OFFICIAL_ACP_MIXED = {"T16k_H24_D64": 7.33, "T32k_H16_D128": 18.10, "T64k_H16_D1
 SHAPES = {"T16k_H24_D64": (16384, 24, 64), "T32k_H16_D128": (32768, 16, 128), "T64k_H16_D128": (65536, 16, 128)}
 
 
+def near1_case(t, h, d, device, gen):
+    """bf16 q, k, v, do and near-1 gates (nothing to prune) for the diagnostics; ``xs``: the leaves."""
+    q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(4))
+    g = gates(t, h, "near1", device, gen)
+    return q, k, v, do, [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+
+
 def gates(t, h, kind, device, gen):
     x = torch.randn(1, t, h, device=device, generator=gen)
     if kind == "near1":
@@ -224,9 +231,7 @@ def sweep(device, results):
     for name in ("T16k_H24_D64", "T32k_H16_D128"):
         t, h, d = SHAPES[name]
         t = 16384
-        q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(4))
-        g = gates(t, h, "near1", device, gen)
-        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        q, k, v, do, xs = near1_case(t, h, d, device, gen)
         for kern, opts in cands[d].items():
             for c in opts:
                 os.environ["FOXKERNELS_CONFIG"] = f"{kern}={c}"
@@ -252,9 +257,7 @@ def variants(device, results):
     res = {}
     for name in ("T16k_H24_D64", "T32k_H16_D128"):
         t, h, d = SHAPES[name]
-        q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(4))
-        g = gates(t, h, "near1", device, gen)
-        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        q, k, v, do, xs = near1_case(t, h, d, device, gen)
         for mode, table in (("0", "fwd"), ("1", "none"), ("1", "fwd"), ("1", "fwd,dq"), ("2", "fwd")):
             os.environ["FOXKERNELS_DECAY_MODE"] = mode
             os.environ["FOXKERNELS_FORCE_TABLE"] = table
@@ -276,9 +279,7 @@ def profile(device, results):
     out = {}
     for name in ("T16k_H24_D64", "T32k_H16_D128"):
         t, h, d = SHAPES[name]
-        q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(4))
-        g = gates(t, h, "near1", device, gen)
-        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        q, k, v, do, xs = near1_case(t, h, d, device, gen)
         for _ in range(2):
             foxkernels.forgetting_attention(*xs).backward(do)
         torch.cuda.synchronize()
