@@ -60,7 +60,6 @@ class AcpStats:
         self.tiles_total = tiles_total
         self._pruned = tiles_pruned
         self._pending: list = []
-        self.extra: dict = {}
         self.comm: dict = {}
 
     def add_pruned(self, n) -> None:

@@ -87,7 +87,7 @@ class ExchangePlan:
     delta: torch.Tensor  # [B, H] fp64 ACP thresholds, device
     skipped: int = 0  # transfers this rank would send under causality that ACP made unnecessary
     dense_sends: tuple = (0, 0)  # (KV sends, dKV sends) of this rank in the dense one-way ring
-    extra: dict = field(default_factory=dict)
+    segments: int = 1  # key-row segments per chunk actually used (see segments_for)
     _indices: dict = field(default_factory=dict, repr=False)
 
     def index(self, heads: tuple, h: int, device):
@@ -213,7 +213,7 @@ def build_exchange(comm: RingComm, plan: RingPlan, q, k, g, tot, *, scale: float
     recv = {s: p for s, p in recv.items() if p}
     skipped = sum(1 for s in range(1, w) if ((me + s) % w, me) in plan.pairs and s not in send)
     return ExchangePlan(active, send, recv, rows > 0, rows, excl, inc, delta.to(q.device), skipped,
-                        plan.sends(me), {"segments": segs})
+                        plan.sends(me), segs)
 
 
 # ----------------------------------------------------------------------------------------- pieces
