@@ -13,6 +13,8 @@ Usage (on a CUDA machine, from the repository root):
    bias linspace(-1, 8) plus unit noise). The ACP threshold uses U from the max norms of q and k
    (computed once outside the timed region, as a caller with a QK-norm bound would pass it).
 3. ``--sweep``: time kernel tile configurations (``FOXKERNELS_CONFIG``) to pick the defaults.
+4. ``--ab SPEC...``: only a same-run A/B of kernel settings passed as environment variables, e.g.
+   ``--ab ORDER=tile ORDER=head "ORDER=head|CONFIG=dkdv=64,128,8,2"`` (see :func:`ab`).
 
 Writes ``attention-<gpu>-<date>.json`` into ``--out`` and prints a table.
 """
@@ -67,8 +69,11 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def bench(fn, rep=200):
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+def bench(fn, rep=200, grads=None):
+    """do_bench median (ms). ``grads``: leaves whose ``.grad`` is reset to None before every run, so a
+    fwd+bwd time does not include accumulating into the previous run's gradients (an elementwise add
+    per leaf: 0.13 ms per q/k/v-sized tensor at T=32k H=16 D=128 on the H100)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median", grad_to_none=grads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ def time_shape(name, t, h, d, device, results, fla):
 
         def fwdbwd():
             f(*xs).backward(do if xs[0].shape == do.shape else do.transpose(1, 2))
-        return [bench(fwd), bench(fwdbwd, rep=300)]
+        return [bench(fwd), bench(fwdbwd, rep=300, grads=xs)]
 
     # SDPA flash, no gate, [B, H, T, D] layout
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -240,7 +245,7 @@ def sweep(device, results):
                         with torch.no_grad():
                             ms = bench(lambda: foxkernels.forgetting_attention(*xs))
                     else:
-                        ms = bench(lambda: foxkernels.forgetting_attention(*xs).backward(do))
+                        ms = bench(lambda: foxkernels.forgetting_attention(*xs).backward(do), grads=xs)
                 except Exception as e:  # noqa: BLE001
                     ms = f"failed: {type(e).__name__}: {str(e)[:120]}"
                 res[f"{name}/T{t}/{kern}={c}"] = ms
@@ -263,7 +268,7 @@ def variants(device, results):
             os.environ["FOXKERNELS_FORCE_TABLE"] = table
             with torch.no_grad():
                 f = bench(lambda: foxkernels.forgetting_attention(*xs))
-            fbw = bench(lambda: foxkernels.forgetting_attention(*xs).backward(do))
+            fbw = bench(lambda: foxkernels.forgetting_attention(*xs).backward(do), grads=xs)
             res[f"{name}/mode{mode}/table={table}"] = [f, fbw]
             print("variant", name, mode, table, f, fbw, flush=True)
         os.environ.pop("FOXKERNELS_DECAY_MODE")
@@ -272,24 +277,100 @@ def variants(device, results):
     results["decay_mode_variants_ms_fwd_fwdbwd"] = res
 
 
-def profile(device, results):
-    """CUDA kernel time breakdown of one forward+backward (torch.profiler)."""
+def ab(device, results, specs, shapes, rounds=2):
+    """Same-run A/B of kernel settings given as environment variables.
+
+    Each spec is ``NAME=VALUE[|NAME=VALUE...]`` (e.g. ``FOXKERNELS_ORDER=tile`` or
+    ``FOXKERNELS_CONFIG=dkdv=64,128,8,2``; the prefix ``FOXKERNELS_`` may be left out). For every shape
+    and for dense (mixed gates) and ACP on mixed gates, the specs are timed in turn, ``rounds`` times
+    (interleaved, so drift hits all alike); each cell is the median over rounds of do_bench medians.
+    The outputs of every spec are compared with the first spec's (relative error), so a setting that
+    changes results shows up here.
+    """
+    def parse(spec):
+        env = {}
+        for part in spec.split("|"):
+            key, val = part.split("=", 1)
+            env[key if key.startswith("FOXKERNELS_") else "FOXKERNELS_" + key] = val
+        return env
+
+    envs = [parse(sp) for sp in specs]
+    gen = torch.Generator(device=device).manual_seed(5)
+    res = {}
+    for name in shapes:
+        t, h, d = SHAPES[name]
+        q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16)
+                       for _ in range(4))
+        g = gates(t, h, "mixed", device, gen)
+        delta = acp_threshold(EPS, qk_bound(q, k, d ** -0.5), t).to(device)
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
+        for case, dl in (("dense", None), ("acp_mixed", delta)):
+            times = {sp: ([], []) for sp in specs}
+            first = None
+            for r in range(rounds):
+                for sp, env in zip(specs, envs):
+                    old = {kk: os.environ.get(kk) for kk in env}
+                    os.environ.update(env)
+                    try:
+                        def fwd():
+                            with torch.no_grad():
+                                foxkernels.forgetting_attention(*xs, acp_delta=dl)
+
+                        def fwdbwd():
+                            foxkernels.forgetting_attention(*xs, acp_delta=dl).backward(do)
+                        if r == 0:
+                            for x in xs:
+                                x.grad = None
+                            fwdbwd()
+                            outs = [xs[0].grad.clone(), xs[1].grad.clone(), xs[2].grad.clone(), xs[3].grad.clone()]
+                            if first is None:
+                                first = outs
+                            errs = [rel(a, b) for a, b in zip(outs, first)]
+                            res[f"{name}/{case}/{sp}/grad_rel_vs_first_spec"] = errs
+                        est = bench(fwdbwd, rep=50, grads=xs)
+                        times[sp][0].append(bench(fwd, rep=max(200, 15 * est / 3)))
+                        times[sp][1].append(bench(fwdbwd, rep=max(300, 15 * est), grads=xs))
+                    finally:
+                        for kk, vv in old.items():
+                            if vv is None:
+                                os.environ.pop(kk, None)
+                            else:
+                                os.environ[kk] = vv
+            for sp in specs:
+                f, fb = (sorted(x)[len(x) // 2] for x in times[sp])
+                res[f"{name}/{case}/{sp}"] = [f, fb]
+                base = res[f"{name}/{case}/{specs[0]}"]
+                print(f"ab {name:14s} {case:9s} {sp:48s} fwd {f:8.3f}  fwd+bwd {fb:8.3f}  "
+                      f"({fb / base[1]:.3f}x of first)", flush=True)
+        del q, k, v, do, xs
+        torch.cuda.empty_cache()
+    results["ab_ms_fwd_fwdbwd"] = res
+
+
+def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
+    """CUDA kernel time breakdown of one forward+backward (torch.profiler), dense (near-1 gates) and
+    with ACP on mixed gates."""
     from torch.profiler import ProfilerActivity, profile as prof
     gen = torch.Generator(device=device).manual_seed(3)
     out = {}
-    for name in ("T16k_H24_D64", "T32k_H16_D128"):
+    for name in shapes:
         t, h, d = SHAPES[name]
         q, k, v, do, xs = near1_case(t, h, d, device, gen)
-        for _ in range(2):
-            foxkernels.forgetting_attention(*xs).backward(do)
-        torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(3):
-                foxkernels.forgetting_attention(*xs).backward(do)
+        g_mixed = gates(t, h, "mixed", device, gen)
+        delta = acp_threshold(EPS, qk_bound(q, k, d ** -0.5), t).to(device)
+        for case, g, dl in (("dense", xs[3], None), ("acp_mixed", g_mixed.requires_grad_(True), delta)):
+            args = [*xs[:3], g]
+            for _ in range(2):
+                foxkernels.forgetting_attention(*args, acp_delta=dl).backward(do)
             torch.cuda.synchronize()
-        table = p.key_averages().table(sort_by="device_time_total", row_limit=14)
-        print(name, "\n", table, flush=True)
-        out[name] = {e.key: getattr(e, "device_time_total", 0) / 3e3 for e in p.key_averages() if getattr(e, "device_time_total", 0) > 0}
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                for _ in range(3):
+                    foxkernels.forgetting_attention(*args, acp_delta=dl).backward(do)
+                torch.cuda.synchronize()
+            table = p.key_averages().table(sort_by="device_time_total", row_limit=16)
+            print(name, case, "\n", table, flush=True)
+            out[f"{name}/{case}"] = {e.key: getattr(e, "device_time_total", 0) / 3e3 for e in p.key_averages()
+                                     if getattr(e, "device_time_total", 0) > 0}
         del q, k, v, do, xs
     results["profile_ms_per_fwdbwd"] = out
 
@@ -302,6 +383,8 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--ab", nargs="+", metavar="SPEC",
+                    help="only an A/B of environment settings, e.g. ORDER=tile ORDER=head (see ab())")
     args = ap.parse_args()
     device = "cuda"
     props = torch.cuda.get_device_properties(0)
@@ -328,8 +411,13 @@ def main():
         results["wall_s"] = time.time() - t0
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+    if args.ab:
+        ab(device, results, args.ab, args.shapes)
+        save()
+        print("wrote", path)
+        return
     if args.profile:
-        profile(device, results)
+        profile(device, results, args.shapes)
         save()
     if args.variants:
         variants(device, results)

@@ -200,12 +200,17 @@ def _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+def _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
               s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
-              BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr):
+              BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr,
+              TMA: tl.constexpr, D: tl.constexpr):
     for j0 in range(lo, hi, BN):
         kn = j0 + offs_n
-        if MASKED:
+        if TMA and not MASKED:
+            # whole key tiles through the tensor-memory accelerator (descriptors over [N, Hkv*D])
+            kT = tl.trans(KD.load([ks.to(tl.int32) + j0, hk * D]))
+            vv = VD.load([ks.to(tl.int32) + j0, hk * D])
+        elif MASKED:
             kmask = kn < lk
             kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None],
                          mask=kmask[None, :], other=0.0)
@@ -239,7 +244,8 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
                 s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                 sm_scale2, max_units, H, GROUP,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr):
+                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
+                KD, VD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -271,14 +277,14 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
         m_i = tl.full([BM], -1.0e30, tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full,
-                                  sm_scale2, BN, False, CAUSAL, DMODE)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V,
+                                  sm_scale2, BN, False, CAUSAL, DMODE, TMA, D)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
-                                  tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL, DMODE)
+                                  tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL, DMODE, TMA, D)
         has = l_i > 0.0
         l_safe = tl.where(has, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -309,12 +315,16 @@ def _bwd_pre_kernel(O, DO, LSE, DELTA, LSE2, N, s_o_t, s_o_h, s_do_t, s_do_h, s_
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2r, di, K, V, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+def _dq_tile(dq, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
              s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
-             BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr):
+             BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr,
+             TMA: tl.constexpr, D: tl.constexpr):
     for j0 in range(lo, hi, BN):
         kn = j0 + offs_n
-        if MASKED:
+        if TMA and not MASKED:
+            kT = tl.trans(KD.load([ks.to(tl.int32) + j0, hk * D]))
+            vT = tl.trans(VD.load([ks.to(tl.int32) + j0, hk * D]))
+        elif MASKED:
             kmask = kn < lk
             kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None],
                          mask=kmask[None, :], other=0.0)
@@ -344,7 +354,8 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
                s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                sm_scale, sm_scale2, max_units, H, GROUP,
                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-               CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr):
+               CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
+               KD, VD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -378,29 +389,35 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
             hi_full = (lk // BN) * BN
             hi = lk
         dq = tl.zeros([BM, D], tl.float32)
-        dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h,
+        dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full, sm_scale2,
-                      BN, False, CAUSAL, DMODE)
-        dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h,
+                      BN, False, CAUSAL, DMODE, TMA, D)
+        dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, tl.maximum(hi_full, lo), hi,
-                      sm_scale2, BN, True, CAUSAL, DMODE)
+                      sm_scale2, BN, True, CAUSAL, DMODE, TMA, D)
         tl.store(DQ + (qs + offs_m)[:, None] * s_dq_t + h * s_dq_h + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
+def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
                s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, lo, hi, sm_scale2,
-               BM: tl.constexpr, MODE: tl.constexpr):
+               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
     """MODE 0: whole query tiles below the key tile (no masks at all); 1: the causal diagonal (row
     and causal masks); 2: a partial last query tile (row mask only)."""
     for i0 in range(lo, hi, BM):
         offs_m = i0 + offs_m0
         # Q, DO, CQ, LSE2, DELTA, BQ point at this document's first row and this head already:
         # in-document offsets stay 32-bit (fewer registers than 64-bit per-element addresses)
-        if MODE == 0:
+        if MODE == 0 and TMA:
+            qT = tl.trans(QD.load([qs.to(tl.int32) + i0, h * D]))
+            do = DOD.load([qs.to(tl.int32) + i0, h * D])
+            cq = tl.load(CQ + offs_m * s_cq_t)
+            lse2 = tl.load(LSE2 + offs_m * s_l_t)
+            di = tl.load(DELTA + offs_m * s_l_t)
+        elif MODE == 0:
             qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None])
             do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :])
             cq = tl.load(CQ + offs_m * s_cq_t)
@@ -436,7 +453,7 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
                  s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                  sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr):
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
@@ -471,21 +488,21 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
             LSE2h, DELTAh = LSE2 + qs * s_l_t + h * s_l_h, DELTA + qs * s_l_t + h * s_l_h
             if CAUSAL:
                 # diagonal: rows n0 .. n0+BN-1 see part of the tile
-                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
+                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                         offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
                                         s_bq_t, s_bq_h, s_l_t, s_l_h, n0, tl.minimum(n0 + BN, end), sm_scale2,
-                                        BM, 1)
+                                        BM, 1, TMA, D)
                 start = n0 + BN
             else:
                 start = 0
             # whole query tiles need no mask at all; a partial last tile goes through the row-masked loop
             mid = tl.maximum(start, tl.minimum(end, (lq // BM) * BM))
-            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
+            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0)
-            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D)
+            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D)
             tl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
         tl.store(DK + (ks + offs_n)[:, None] * s_dk_t + hk * s_dk_h + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask[:, None])
@@ -498,6 +515,33 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
 # ----------------------------------------------------------------------------------------------
 def _dmode() -> int:
     return int(os.environ.get("FOXKERNELS_DECAY_MODE", "1"))
+
+
+def _use_tma(kernel: str, *xs) -> bool:
+    """Whole tiles of the streamed operand (K, V in fwd and dq; Q, dO in dkdv) through TMA descriptors.
+
+    ``FOXKERNELS_TMA`` lists the kernels (default ``fwd``; ``none``; ``fwd,dq,dkdv``): see the module
+    docstring for the measurements. Descriptors need Hopper or newer (or the interpreter), rows of
+    ``H * D`` contiguous elements on 16-byte boundaries and 32-bit row offsets.
+    """
+    if kernel not in os.environ.get("FOXKERNELS_TMA", "fwd").split(","):
+        return False
+    if xs[0].is_cuda and _capability(xs[0].device.index)[0] < 9:
+        return False
+    return all(x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.data_ptr() % 16 == 0
+               and (x.stride(0) * x.element_size()) % 16 == 0 and 0 < x.shape[0] < 2 ** 31 for x in xs)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def _desc(x, rows: int):
+    """TMA descriptor over ``x [N, Hx, D]`` seen as ``[N, Hx * D]``, blocks of ``[rows, D]``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    n, hx, d = x.shape
+    return TensorDescriptor(x, [n, hx * d], [x.stride(0), 1], [rows, d])
 
 
 def _force_table(kernel: str, d: int) -> bool:
@@ -671,6 +715,8 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
     if bound is None:
         bound = lse  # dummy pointer when ACP is off
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
+    tma = _use_tma("fwd", k, v)
+    kd, vd = (_desc(k, bn), _desc(v, bn)) if tma else (k, v)
     _fwd_kernel[grid](
         q, k, v, plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -678,7 +724,7 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E, plan.max_units, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, DMODE=_dmode(),
-        num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -714,21 +760,25 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
                lse2.stride(0), lse2.stride(1), scale, scale * LOG2E)
     common = (*strides, plan.max_units, h, h // hkv)
     bm, bn, warps, stages = cfg["dq"]
+    tma = _use_tma("dq", k, v)
+    kd, vd = (_desc(k, bn), _desc(v, bn)) if tma else (k, v)
     _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-        num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
+    tma = _use_tma("dkdv", q, do)
+    qd, dod = (_desc(q, bm), _desc(do, bm)) if tma else (q, do)
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-        num_warps=warps, num_stages=stages)
+        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
