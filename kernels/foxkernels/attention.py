@@ -102,14 +102,27 @@ adopted.
   with 352 bytes of spill (8 spill loads in its main loop); dkdv D128 255 with 24-48 bytes (none inside
   the loops).
 
-Where this stands (H100, bf16, B = 1, fwd+bwd ms;
-``bench/results/attention-h100-2026-11-23-acp-overhead.json``): T16k H24 D64 / T32k H16 D128 /
-T64k H16 D128. Ours dense: 11.0 / 46.5 / 180. SDPA flash backend, same run: 10.3 / 49.7 / 191
-(ratio 1.07 / 0.93 / 0.94). SDPA's default choice (cuDNN): 7.6 / 28.8 / 110 (ratio 1.44 / 1.61 / 1.63).
-Ours with ACP on mixed gates: 5.0 / 15.4 / 46.0, against the official kernel's 7.3 / 18.1 / 54.2
-(ratio 0.68 / 0.85 / 0.85). FLA was 21.0 / 73.1 / 288 in the earlier run. The gap to cuDNN is the
-kernel's matmul efficiency (no TMA or warp specialisation), not the decay: without any decay term
-the same kernel was only 8-15% faster.
+* **TMA in the forward only.** The forward's whole key tiles come in through TMA descriptors over
+  ``[N, Hkv*D]`` (``FOXKERNELS_TMA``, default ``fwd``): forward time -1 to -4% at all three shapes,
+  dense and ACP (same-run A/B, ``bench/results/attention-h100-2026-11-23-ab-session3.json``, "tma").
+  In the dq kernel TMA was neutral to +2%, in the dkdv kernel (Q and dO tiles) +6 to +11%, so they keep
+  pointer loads.
+* **Tried and rejected** (same file): launching heads fastest (grid ``(H, docs, tiles)``) so that every
+  head's heaviest tiles start first: up to +30% forward time with ACP, because the programs of one head
+  running together share its K/V in L2. Launching heads in order of ACP-kept work: -5.5% / +2.9% / +0.2%
+  at the three shapes (mixed gates): within the run-to-run spread. Rescaling the forward accumulator only
+  when a row max grows by more than 2**8: forward +6 to +11%. Other D128 block shapes for each kernel
+  under ACP: all slower. Profile (T32k D128, per fwd+bwd): dense fwd 10.9 / dq 11.6 / dkdv 22.0 ms;
+  ACP on mixed gates 3.6 / 3.9 / 6.8 ms with 68% of units pruned, so ACP time scales with the kept work
+  (dkdv a little better than that, the forward 3% worse at 64k); what remains is kernel speed.
+
+Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23-4edf059.json``):
+T16k H24 D64 / T32k H16 D128 / T64k H16 D128. Ours dense: 10.7 / 44.5 / 182. SDPA flash backend, same
+run: 10.2 / 49.4 / 193 (ratio 1.05 / 0.90 / 0.95). SDPA's default choice (cuDNN): 7.1 / 29.0 / 112
+(ratio 1.51 / 1.53 / 1.62). FLA 0.6.0, same run: 21.0 / 73.4 / 292. Ours with ACP on mixed gates:
+4.7 / 15.4 / 45.6, against the official kernel's 7.3 / 18.1 / 54.2 (ratio 0.65 / 0.85 / 0.84; across
+this session's runs 0.81-0.85 at 32k). The gap to cuDNN is the kernel's matmul efficiency (no warp
+specialisation), not the decay: without any decay term the same kernel was only 8-15% faster.
 """
 
 from __future__ import annotations
