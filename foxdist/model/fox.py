@@ -169,6 +169,21 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def run_blocks(model: nn.Module, x, seq, cu_seqlens):
+    """The residual stream ``x`` through ``model.blocks``, with activation checkpointing when
+    ``model.cfg.activation_checkpointing`` is set and the model is training, and each FoX block's
+    per-layer ACP statistics. Shared by :class:`FoxLM` (``[B, T, d]``) and the tensor-parallel model
+    (``[T, B, d]``)."""
+    stats = model.acp_stats if model.cfg.arch == "fox" else None
+    for i, blk in enumerate(model.blocks):
+        st = stats.for_layer(i) if stats is not None else None  # per-layer traffic, shared tile counts
+        if model.cfg.activation_checkpointing and model.training:
+            x = checkpoint(blk, x, seq, cu_seqlens, st, use_reentrant=False)
+        else:
+            x = blk(x, seq, cu_seqlens, st)
+    return x
+
+
 class FoxLM(nn.Module):
     """Decoder-only language model: FoX (``arch="fox"``) or the RoPE Transformer (``"transformer"``).
 
@@ -202,15 +217,7 @@ class FoxLM(nn.Module):
                 nn.init.ones_(mod.weight)
 
     def hidden_states(self, tokens, seq=_LOCAL, cu_seqlens=None):
-        x = self.embed(tokens)
-        stats = self.acp_stats if self.cfg.arch == "fox" else None
-        for i, blk in enumerate(self.blocks):
-            st = stats.for_layer(i) if stats is not None else None  # per-layer traffic, shared tile counts
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(blk, x, seq, cu_seqlens, st, use_reentrant=False)
-            else:
-                x = blk(x, seq, cu_seqlens, st)
-        return self.norm_f(x)
+        return self.norm_f(run_blocks(self, self.embed(tokens), seq, cu_seqlens))
 
     def forward(self, tokens, targets=None, *, seq=_LOCAL, cu_seqlens=None, reduction: str = "mean"):
         logits = self.lm_head(self.hidden_states(tokens, seq, cu_seqlens))

@@ -44,7 +44,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, model_dims
 from ..model import fox as _fox
@@ -324,14 +323,7 @@ class TPFoxLM(nn.Module):
         x = self.embed(tokens)  # sp: [T/tp, B, d] (megatron transposes and reduce-scatters); else [B, T, d]
         if not self.sp:
             x = x.transpose(0, 1).contiguous()
-        stats = self.acp_stats if self.cfg.arch == "fox" else None
-        for i, blk in enumerate(self.blocks):
-            st = stats.for_layer(i) if stats is not None else None  # per-layer traffic, shared tile counts
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(blk, x, seq, cu_seqlens, st, use_reentrant=False)
-            else:
-                x = blk(x, seq, cu_seqlens, st)
-        return self.norm_f(x)
+        return self.norm_f(_fox.run_blocks(self, x, seq, cu_seqlens))
 
     def forward(self, tokens, targets=None, *, seq=_LOCAL, cu_seqlens=None, reduction: str = "mean"):
         h = self.hidden_states(tokens, seq, cu_seqlens)
