@@ -198,11 +198,13 @@ class Trainer:
                                 exchange=p.cp_exchange, segments=p.cp_exchange_segments)
             self.seq = self.cp.sequence()
         self.ddp = self.engine = self.opt = None
+        dtype = cfg.train.dtype
+        self.amp_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and rt.device.type == "cuda") else None
         if cfg.parallel.zero_stage > 0:
             # DeepSpeed ZeRO over dp x cp: it owns the optimizer, clipping, accumulation and skipping
             from .parallel.zero import build_engine
 
-            self.engine = build_engine(self.model, cfg, self.dims, d, run_dir=run_dir)
+            self.engine = build_engine(self.model, cfg, self.dims, d, run_dir=run_dir, autocast=self.amp_dtype)
         elif d.dp * d.cp > 1:
             # context-parallel ranks hold replicas too: gradients average over dp x cp
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -210,8 +212,6 @@ class Trainer:
                 process_group=self.dims.dp_cp_group)
         if self.engine is None:
             self.opt = build_optimizer(self.model, cfg.optim)
-        dtype = cfg.train.dtype
-        self.amp_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and rt.device.type == "cuda") else None
         self.step = 0
         self.skipped_total = 0
         self.load_note = ""
@@ -545,8 +545,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             dist.barrier()
         return result
     finally:
-        if rt.distributed and dist.is_initialized():
-            if trainer is not None:
+        if dist.is_initialized():  # also the one-rank group a one-process ZeRO run creates
+            if trainer is not None and trainer.dims.has_groups:
                 trainer.dims.destroy_groups()
             dist.destroy_process_group()
 

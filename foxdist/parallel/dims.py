@@ -172,6 +172,11 @@ class ParallelDims:
             ps.destroy_model_parallel()
         self._groups = {}
 
+    @property
+    def has_groups(self) -> bool:
+        """Whether :meth:`init_groups` has created this layout's process groups."""
+        return bool(self._groups)
+
     def _group(self, name):
         if not self._groups:
             raise RuntimeError("process groups not created yet: call ParallelDims.init_groups() first")

@@ -53,11 +53,17 @@ def deepspeed_available() -> bool:
     return True
 
 
-def deepspeed_config(cfg: Config, dims: ParallelDims, derived: Derived, *, dtype: torch.dtype | None = None) -> dict:
+def deepspeed_config(cfg: Config, dims: ParallelDims, derived: Derived, *, dtype: torch.dtype | None = None,
+                     autocast: torch.dtype | None = None) -> dict:
     """The DeepSpeed JSON config for this run, generated from our config (never hand-written).
 
     ``dtype``: parameter/compute dtype DeepSpeed should manage (bf16 enables its bf16 mode with
     fp32 master weights; fp32 and fp64 run without mixed precision).
+    ``autocast``: the ``torch.autocast`` dtype the trainer runs the forward under (fp32 weights, bf16
+    compute), or None. DeepSpeed's engine *switches off* an outer autocast in its forward unless its
+    ``torch_autocast`` section is enabled: without it a ZeRO run computes everything in fp32 (measured on
+    an H100, FoX Pro 125M at 4k: 47k against 163k tokens/s, and 27 against 20 GiB). Its list of
+    lower-precision modules is left empty so gradients are still reduced in fp32, as plain DDP does.
     """
     stage = cfg.parallel.zero_stage
     if stage not in (0, 1, 2, 3):
@@ -78,6 +84,9 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, derived: Derived, *, dtype
         },
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
+        "torch_autocast": {"enabled": autocast is not None,
+                           **({"dtype": str(autocast).removeprefix("torch."),
+                               "lower_precision_safe_modules": []} if autocast is not None else {})},
         "fp16": {"enabled": False},
         "steps_per_print": 2 ** 31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
@@ -168,6 +177,10 @@ def init_deepspeed_comm() -> None:
     # DeepSpeed insists on LOCAL_RANK (launchers set it); otherwise take the device already selected
     os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
     backend = dist.get_backend() if dist.is_initialized() else ("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # one process (plain ``python``, or torchrun with one process: the runtime joins no group for a
+        # world of 1): DeepSpeed needs a process group, and an in-process store needs no rendezvous port
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
@@ -177,11 +190,13 @@ class DeepSpeedEngine:
     kind = "deepspeed"
 
     def __init__(self, model, cfg: Config, dims: ParallelDims, derived: Derived, *, run_dir=None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, autocast: torch.dtype | None = None):
         import deepspeed
 
         init_deepspeed_comm()
-        self.ds_config = deepspeed_config(cfg, dims, derived, dtype=dtype)
+        if not dims.has_groups:  # a one-process run: the trainer created no groups (see init_deepspeed_comm)
+            dims.init_groups()
+        self.ds_config = deepspeed_config(cfg, dims, derived, dtype=dtype, autocast=autocast)
         if run_dir is not None and dist.get_rank() == 0:
             write_deepspeed_config(self.ds_config, run_dir)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -331,8 +346,11 @@ class PlainEngine:
 
 
 def build_engine(model, cfg: Config, dims: ParallelDims, derived: Derived, *, run_dir=None,
-                 dtype: torch.dtype | None = None, backend: str = "auto"):
+                 dtype: torch.dtype | None = None, backend: str = "auto", autocast: torch.dtype | None = None):
     """DeepSpeed ZeRO (``cfg.parallel.zero_stage`` 1-3) when requested and installed, else :class:`PlainEngine`.
+
+    ``autocast``: the dtype of the ``torch.autocast`` the caller runs forward passes under (see
+    :func:`deepspeed_config`); the plain engine leaves the caller's autocast alone.
 
     ``backend``: ``"auto"`` (DeepSpeed iff zero_stage > 0), ``"deepspeed"`` (also for stage 0) or
     ``"plain"``. Asking for ZeRO without DeepSpeed installed raises with the install command.
@@ -345,7 +363,7 @@ def build_engine(model, cfg: Config, dims: ParallelDims, derived: Derived, *, ru
         if not deepspeed_available():
             raise ValueError(f"parallel.zero_stage={stage} needs DeepSpeed: pip install 'foxdist[parallel]' "
                              f"(or set parallel.zero_stage=0 for plain data parallelism)")
-        return DeepSpeedEngine(model, cfg, dims, derived, run_dir=run_dir, dtype=dtype)
+        return DeepSpeedEngine(model, cfg, dims, derived, run_dir=run_dir, dtype=dtype, autocast=autocast)
     return PlainEngine(model, cfg, dims, derived, run_dir=run_dir, dtype=dtype)
 
 
