@@ -165,7 +165,9 @@ def time_shape(name, t, h, d, device, results, fla):
 
         def fwdbwd():
             f(*xs).backward(do if xs[0].shape == do.shape else do.transpose(1, 2))
-        return [bench(fwd), bench(fwdbwd, rep=300, grads=xs)]
+        # at least ~15 timed runs: a fixed 300 ms window holds only one or two at T=64k
+        est = bench(fwdbwd, rep=50, grads=xs)
+        return [bench(fwd, rep=max(200, 5 * est)), bench(fwdbwd, rep=max(300, 15 * est), grads=xs)]
 
     # SDPA flash, no gate, [B, H, T, D] layout
     from torch.nn.attention import SDPBackend, sdpa_kernel
