@@ -16,8 +16,8 @@
 #   tpdp      (issue 4) FoX Pro 125M for $TPDP_STEPS steps on 1 GPU, tp=2 (sequence parallel), dp=2 and
 #             dp=2 with ZeRO-1, same global batch; bench/compare_runs.py checks the loss curves against the
 #             1-GPU run (relative tolerance $TOL) and records tokens/s, MFU and memory; foxdist plot draws them.
-#   launch    (issue 7) FoX Pro 125M through torchrun --standalone --nproc-per-node 2 for $LAUNCH_STEPS steps
-#             (tensorboard, metrics, PNG), then foxdist bench scaling over cp = 1,2 and tp = 1,2.
+#   launch    (issue 7) FoX Pro 125M through torchrun --standalone --nproc-per-node 2 for $LAUNCH_STEPS steps at
+#             its 16k context (tensorboard, metrics, PNG), then foxdist bench scaling over cp = 1,2 and tp = 1,2.
 # Needs: torch + triton with CUDA (or SMOKE=1), foxdist importable (pip install -e ., or PYTHONPATH=kernels:.),
 # deepspeed and megatron-core for tpdp/launch. Run directories go to $RUNS (default /tmp/foxdist-two-gpu).
 set -euo pipefail
@@ -36,6 +36,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     TRAIN_SET=(--set train.device=cpu --set data.seq_len=128 --set train.global_batch_size=8
                --set train.micro_batch_size=4)
     TPDP_STEPS=${TPDP_STEPS:-6}; LAUNCH_STEPS=${LAUNCH_STEPS:-6}; TOL=${SMOKE_TOL:-0.05}
+    LAUNCH_SET=()
     CP_ARGS=(--device cpu --seqs 256 --heads 2 --dim 16 --reps 1 --warmup 1 --ref-max-t 256)
     EX_ARGS=(--device cpu --seq 2048 --heads 2 --dim 8 --tile 64 --reps 1)
     SCALE_SET=(--set train.device=cpu --set data.seq_len=256 --set train.global_batch_size=2
@@ -51,6 +52,10 @@ else
     # byte-level stdlib text (no prepared corpus needed): this measures the model body and the parallel layers
     TRAIN_SET=(--set data.seq_len=4096 --set train.global_batch_size=8 --set train.micro_batch_size=4)
     TPDP_STEPS=${TPDP_STEPS:-50}; LAUNCH_STEPS=${LAUNCH_STEPS:-300}
+    # the recipe's own 16k context; 8 sequences (131k tokens) per step and a 30-step warmup instead of the
+    # paper's 0.5M tokens and 512 steps, so that a few hundred steps fit one slot and show the loss falling
+    LAUNCH_SET=(--set data.seq_len=16384 --set train.global_batch_size=8 --set train.micro_batch_size=1
+                --set schedule.warmup_steps=30)
     CP_ARGS=(--seqs 32768 65536 131072 --heads 16 --dim 128 --reps 10 --warmup 3)
     EX_ARGS=(--device cuda --seq 131072 --heads 16 --dim 128 --reps 5)
     SCALE_SET=(--set data.seq_len=16384 --set train.global_batch_size=2 --set train.micro_batch_size=1)
@@ -87,10 +92,10 @@ for stage in $STAGES; do
         run "${FOXDIST[@]}" plot "$r1" "$rtp" "$rdp" "$rz" --out "$OUT/tp-dp-125m-$gpu-$day.png" ;;
     launch)
         rl=$(fresh launch-125m-2gpu)
-        run "${TORCHRUN[@]}" -m foxdist.train --recipe "$RECIPE" "${COMMON[@]}" \
+        run "${TORCHRUN[@]}" -m foxdist.train --recipe "$RECIPE" "${COMMON[@]}" "${LAUNCH_SET[@]}" \
             --set train.max_steps="$LAUNCH_STEPS" --run-dir "$rl"
         run "$PY" bench/compare_runs.py "$rl" --out "$OUT/launch-125m-2gpu-$gpu-$day.json" \
-            --command "STAGES=launch bash bench/two_gpu.sh (recipe $RECIPE, ${COMMON[*]}, $LAUNCH_STEPS steps)"
+            --command "STAGES=launch bash bench/two_gpu.sh (recipe $RECIPE, ${COMMON[*]} ${LAUNCH_SET[*]}, $LAUNCH_STEPS steps)"
         run "${FOXDIST[@]}" plot "$rl" --out "$OUT/launch-125m-2gpu-$gpu-$day.png" --smooth 10
         run "${FOXDIST[@]}" bench scaling --recipe "$RECIPE" --set data.source=stdlib "${SCALE_SET[@]}" \
             --cp 1,2 --cp-mode ring --layout zigzag "${SCALE_STEPS[@]}" --out "$OUT/scaling-125m-cp-$gpu-$day"
