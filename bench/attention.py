@@ -14,7 +14,7 @@ Usage (on a CUDA machine, from the repository root):
    (computed once outside the timed region, as a caller with a QK-norm bound would pass it).
 3. ``--sweep``: time kernel tile configurations (``FOXKERNELS_CONFIG``) to pick the defaults.
 4. ``--ab SPEC...``: only a same-run A/B of kernel settings passed as environment variables, e.g.
-   ``--ab ORDER=tile ORDER=head "ORDER=head|CONFIG=dkdv=64,128,8,2"`` (see :func:`ab`).
+   ``--ab TMA=none TMA=fwd "TMA=fwd|CONFIG=dkdv=64,128,8,2"`` (see :func:`ab`).
 
 Writes ``attention-<gpu>-<date>.json`` into ``--out`` and prints a table.
 """
@@ -22,6 +22,7 @@ Writes ``attention-<gpu>-<date>.json`` into ``--out`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -74,6 +75,28 @@ def bench(fn, rep=200, grads=None):
     fwd+bwd time does not include accumulating into the previous run's gradients (an elementwise add
     per leaf: 0.13 ms per q/k/v-sized tensor at T=32k H=16 D=128 on the H100)."""
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median", grad_to_none=grads)
+
+
+def time_fwd_fwdbwd(fwd, fwdbwd, grads):
+    """``[fwd ms, fwd+bwd ms]``, with timing windows of at least ~15 fwd+bwd runs (a fixed 300 ms
+    window holds only one or two at T=64k)."""
+    est = bench(fwdbwd, rep=50, grads=grads)
+    return [bench(fwd, rep=max(200, 5 * est)), bench(fwdbwd, rep=max(300, 15 * est), grads=grads)]
+
+
+@contextlib.contextmanager
+def env_set(env: dict):
+    """Set environment variables (e.g. ``FOXKERNELS_*`` kernel settings) inside the block, then restore them."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +188,7 @@ def time_shape(name, t, h, d, device, results, fla):
 
         def fwdbwd():
             f(*xs).backward(do if xs[0].shape == do.shape else do.transpose(1, 2))
-        # at least ~15 timed runs: a fixed 300 ms window holds only one or two at T=64k
-        est = bench(fwdbwd, rep=50, grads=xs)
-        return [bench(fwd, rep=max(200, 5 * est)), bench(fwdbwd, rep=max(300, 15 * est), grads=xs)]
+        return time_fwd_fwdbwd(fwd, fwdbwd, xs)
 
     # SDPA flash, no gate, [B, H, T, D] layout
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -282,7 +303,7 @@ def variants(device, results):
 def ab(device, results, specs, shapes, rounds=2):
     """Same-run A/B of kernel settings given as environment variables.
 
-    Each spec is ``NAME=VALUE[|NAME=VALUE...]`` (e.g. ``FOXKERNELS_ORDER=tile`` or
+    Each spec is ``NAME=VALUE[|NAME=VALUE...]`` (e.g. ``FOXKERNELS_TMA=none`` or
     ``FOXKERNELS_CONFIG=dkdv=64,128,8,2``; the prefix ``FOXKERNELS_`` may be left out). For every shape
     and for dense (mixed gates) and ACP on mixed gates, the specs are timed in turn, ``rounds`` times
     (interleaved, so drift hits all alike); each cell is the median over rounds of do_bench medians.
@@ -311,33 +332,24 @@ def ab(device, results, specs, shapes, rounds=2):
             first = None
             for r in range(rounds):
                 for sp, env in zip(specs, envs):
-                    old = {kk: os.environ.get(kk) for kk in env}
-                    os.environ.update(env)
-                    try:
-                        def fwd():
-                            with torch.no_grad():
-                                foxkernels.forgetting_attention(*xs, acp_delta=dl)
+                    def fwd():
+                        with torch.no_grad():
+                            foxkernels.forgetting_attention(*xs, acp_delta=dl)
 
-                        def fwdbwd():
-                            foxkernels.forgetting_attention(*xs, acp_delta=dl).backward(do)
+                    def fwdbwd():
+                        foxkernels.forgetting_attention(*xs, acp_delta=dl).backward(do)
+                    with env_set(env):
                         if r == 0:
                             for x in xs:
                                 x.grad = None
                             fwdbwd()
-                            outs = [xs[0].grad.clone(), xs[1].grad.clone(), xs[2].grad.clone(), xs[3].grad.clone()]
+                            outs = [x.grad.clone() for x in xs]
                             if first is None:
                                 first = outs
                             errs = [rel(a, b) for a, b in zip(outs, first)]
                             res[f"{name}/{case}/{sp}/grad_rel_vs_first_spec"] = errs
-                        est = bench(fwdbwd, rep=50, grads=xs)
-                        times[sp][0].append(bench(fwd, rep=max(200, 15 * est / 3)))
-                        times[sp][1].append(bench(fwdbwd, rep=max(300, 15 * est), grads=xs))
-                    finally:
-                        for kk, vv in old.items():
-                            if vv is None:
-                                os.environ.pop(kk, None)
-                            else:
-                                os.environ[kk] = vv
+                        for dst, ms in zip(times[sp], time_fwd_fwdbwd(fwd, fwdbwd, xs)):
+                            dst.append(ms)
             for sp in specs:
                 f, fb = (sorted(x)[len(x) // 2] for x in times[sp])
                 res[f"{name}/{case}/{sp}"] = [f, fb]
@@ -386,7 +398,7 @@ def main():
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--ab", nargs="+", metavar="SPEC",
-                    help="only an A/B of environment settings, e.g. ORDER=tile ORDER=head (see ab())")
+                    help="only an A/B of environment settings, e.g. TMA=none TMA=fwd (see ab())")
     args = ap.parse_args()
     device = "cuda"
     props = torch.cuda.get_device_properties(0)

@@ -19,13 +19,13 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from foxdist.plot import read_metrics  # noqa: E402
+from foxdist.runtime import code_revision  # noqa: E402
 
 
 def _layout(run_dir: Path) -> dict:
@@ -72,14 +72,6 @@ def loss_difference(run: dict, ref: dict) -> dict:
                 step_of_max_rel=rels.index(max(rels)) + 1)
 
 
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", type=Path, help="reference run first")
@@ -104,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         versions = {}
     out = dict(command=args.command or " ".join(sys.argv), date=datetime.date.today().isoformat(),
-               git_rev=_git_rev(), tolerance_rel=args.tol, reference=str(args.run_dirs[0]), **versions, runs=runs)
+               git_rev=code_revision(), tolerance_rel=args.tol, reference=str(args.run_dirs[0]), **versions, runs=runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"{'run':40s} {'world':>5s} {'tp':>3s} {'dp':>3s} {'zero':>4s} {'tok/s':>10s} {'tok/s/dev':>10s} "

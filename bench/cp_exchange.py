@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -45,6 +44,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "kernels"), os.pat
 
 from foxdist.ops import AcpStats  # noqa: E402
 from foxdist.parallel.context import CPContext, context_parallel_attention  # noqa: E402
+from foxdist.runtime import code_revision  # noqa: E402
 
 SCENARIOS = {"local": lambda h: [0.05] * h, "mixed": lambda h: [0.05] * (h // 2) + [1e-4] * (h - h // 2),
              "global": lambda h: [1e-4] * h}
@@ -140,16 +140,11 @@ def report(rows, args, device, world):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        try:
-            rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=os.path.dirname(__file__)).stdout.strip()
-        except OSError:
-            rev = None
         date = datetime.date.today().isoformat()
         kind = "cpu-sim" if device.type == "cpu" else name.replace(" ", "-").lower()
         path = os.path.join(args.out, f"cp-exchange-{kind}-{date}.json")
         with open(path, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "device": name, "world": world, "date": date, "git": rev,
+            json.dump({"command": " ".join(sys.argv), "device": name, "world": world, "date": date, "git": code_revision(),
                        "torch": torch.__version__, "python": platform.python_version(),
                        "config": {k: getattr(args, k) for k in ("seq", "heads", "dim", "tile", "segments", "reps")},
                        "eps": EPS, "rows": rows}, f, indent=1)

@@ -268,7 +268,7 @@ def run_point(spec_file: Path) -> None:
     import torch.distributed as dist
 
     from .runtime import init_runtime
-    from .train import Trainer
+    from .train import Trainer, shutdown
 
     cfg = Config.from_dict(spec["config"])
     rt = init_runtime(cfg.train.device, cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -282,10 +282,7 @@ def run_point(spec_file: Path) -> None:
         if rt.distributed:
             dist.barrier()
     finally:
-        if rt.distributed and dist.is_initialized():
-            if trainer is not None:
-                trainer.dims.destroy_groups()
-            dist.destroy_process_group()
+        shutdown(trainer)
 
 
 # ----------------------------------------------------------------------------------- the parent
@@ -391,14 +388,8 @@ def plot(report: dict, out_png: Path) -> Path:
 
 def environment(kind: str, budget: int) -> dict:
     """Device, versions, date and git revision (``-dirty`` with uncommitted changes to tracked files)."""
-    root, git = Path(__file__).resolve().parents[1], None
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=False).stdout.strip()
-        git = rev.stdout.strip() + ("-dirty" if dirty else "") if rev.returncode == 0 else None
-    except OSError:
-        pass
+    from .runtime import code_revision
+
     cpuinfo = Path("/proc/cpuinfo")
     names = [ln.split(":", 1)[1].strip() for ln in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
              if ln.startswith("model name")]
@@ -411,7 +402,7 @@ def environment(kind: str, budget: int) -> dict:
     return {"device": torch.cuda.get_device_name(0) if kind == "cuda" else (names or [platform.processor() or "cpu"])[0],
             "device_kind": kind, "device_count": budget if kind == "cuda" else os.cpu_count(),
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_revision": git}
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_revision": code_revision()}
 
 
 def sweep(args: argparse.Namespace, argv: list[str]) -> dict:

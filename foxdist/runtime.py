@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -79,3 +81,18 @@ def init_runtime(device_choice: str = "auto", backend: str = "auto", timeout_s: 
         be = ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
         dist.init_process_group(be, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     return Runtime(rank=rank, world_size=world, local_rank=local, device=device, distributed=world > 1)
+
+
+def code_revision(root: str | os.PathLike | None = None) -> str | None:
+    """The git commit of the code in ``root`` (default: this checkout), ``-dirty`` when tracked files have
+    uncommitted changes; None outside a git checkout. Results, snapshots and benchmarks record it."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty else "")

@@ -545,10 +545,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
             dist.barrier()
         return result
     finally:
-        if dist.is_initialized():  # also the one-rank group a one-process ZeRO run creates
-            if trainer is not None and trainer.dims.has_groups:
-                trainer.dims.destroy_groups()
-            dist.destroy_process_group()
+        shutdown(trainer)
+
+
+def shutdown(trainer: Trainer | None) -> None:
+    """Destroy the layout's process groups and the default group, if any: also the one-rank group a
+    one-process ZeRO run creates (see :func:`foxdist.parallel.zero.init_deepspeed_comm`)."""
+    if dist.is_initialized():
+        if trainer is not None and trainer.dims.has_groups:
+            trainer.dims.destroy_groups()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

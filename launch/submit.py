@@ -23,21 +23,11 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from foxdist.config import apply_overrides, derive, load_recipe, write_config
-
-
-def code_revision(root: Path) -> str:
-    """``git describe`` of the code being launched (with ``-dirty`` when there are local changes)."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+from foxdist.runtime import code_revision
 
 
 class TrainJob:
@@ -132,7 +122,7 @@ def main(argv=None) -> int:
     cfg.logging.run_dir = args.run_dir
     params = slurm_parameters(args)
     launch = {"argv": sys.argv if argv is None else ["launch/submit.py", *argv],
-              "revision": code_revision(Path(__file__).resolve().parents[1]),
+              "revision": code_revision(Path(__file__).resolve().parents[1]) or "unknown",
               "world_size": world, "executor": params, "cluster": args.cluster or "slurm"}
     if args.dry_run:
         print(json.dumps({"launch": launch, "derived": dataclasses.asdict(derived), "config": cfg.to_dict()}, indent=2))

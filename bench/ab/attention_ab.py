@@ -11,12 +11,13 @@ fwd+bwd per kernel. On a CUDA machine, from the repository root:
 Configs are ``BM,BN,warps,stages`` separated by ``;`` (the first is the one timed at T64k).
 Writes ``OUTDIR/ab.json`` and prints a table.
 """
-import contextlib, json, math, os, sys
+import json, math, os, sys
 import torch, triton
 import torch.nn.functional as F
 import fk_old as OLD
 import foxkernels.attention as NEW
 from foxdist.ops import acp_threshold, qk_bound, forgetting_attention as fa_ops
+from bench.attention import env_set, gates as _gates, rel
 
 out_dir = sys.argv[1]
 cands = {64: sys.argv[2].split(";"), 128: sys.argv[3].split(";")}  # dkdv configs to try (first = default)
@@ -25,27 +26,13 @@ dev = "cuda"
 res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "cands": cands}
 
 
-@contextlib.contextmanager
 def cfg(c):
-    if c:
-        os.environ["FOXKERNELS_CONFIG"] = f"dkdv={c}"
-    try:
-        yield
-    finally:
-        os.environ.pop("FOXKERNELS_CONFIG", None)
+    """The dkdv tile configuration ``c`` (None: the default) for the block."""
+    return env_set({"FOXKERNELS_CONFIG": f"dkdv={c}"} if c else {})
 
 
 def gates(t, h, kind, gen):
-    x = torch.randn(1, t, h, device=dev, generator=gen)
-    x = x + (10.0 if kind == "near1" else torch.linspace(-1.0, 8.0, h, device=dev))
-    return F.logsigmoid(x).float()
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("nan")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return _gates(t, h, kind, dev, gen)
 
 
 # ---------------- correctness: new (each candidate config) vs old vs fp32 reference

@@ -50,8 +50,8 @@ import torch
 
 from ..ops.acp import acp_threshold
 from ..ops.block import merge_lse
-from .ring import (RingComm, RingPlan, _global_table, _pair_operands, _prefix_sums, buffer_layout, gate_grad,
-                   scan_offsets, unpack)
+from .ring import (RingComm, RingPlan, _global_table, _pair_operands, _prefix_sums, acc_dtype, buffer_layout,
+                   gate_grad, scan_offsets, unpack, zero_kv_grads)
 
 TAG_X, TAG_DX = 21, 22
 DEFAULT_SEGMENTS = 4
@@ -293,7 +293,7 @@ class AcpExchangeAttention(torch.autograd.Function):
                 stats, fns, out):
         fwd, _ = fns
         me, w, n = comm.me, comm.size, plan.chunk_len
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(q)
         b, t, h, d = q.shape
         cl, ckr, tot = _prefix_sums(g, n)
         xp = build_exchange(comm, plan, q, k, g, tot, scale=scale, eps=eps, bound=bound, n_global=n_global,
@@ -354,7 +354,7 @@ class AcpExchangeAttention(torch.autograd.Function):
         comm, plan, scale, tile, fns, xp, counters = ctx.cfg
         _, bwd = fns
         me, w, n = comm.me, comm.size, plan.chunk_len
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(q)
         b, t, h, d = q.shape
         cl, ckr, _ = _prefix_sums(g, n)
         if counters is not None:
@@ -362,8 +362,7 @@ class AcpExchangeAttention(torch.autograd.Function):
         delta_sm = (do.to(acc) * o.to(acc)).sum(dim=-1)
         do = do.contiguous()
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        own = [torch.zeros(k.shape, dtype=acc, device=q.device), torch.zeros(v.shape, dtype=acc, device=q.device),
-               torch.zeros(ckr.shape, dtype=acc, device=q.device)]
+        own = zero_kv_grads(k, v, ckr, acc)
         remote = [torch.zeros_like(x) for x in own]
         spec = lambda pc: pc.specs(b, d, k.dtype, ckr.dtype, v.dtype)
         dspec = lambda pc: pc.specs(b, d, acc, acc)

@@ -261,6 +261,17 @@ def gate_grad(comm: RingComm, plan: RingPlan, dc: torch.Tensor) -> torch.Tensor:
     return dg.view(b, t, h)
 
 
+def acc_dtype(q: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of merged block outputs and gradients: fp64 for fp64 inputs (the reference
+    tests), fp32 otherwise."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def zero_kv_grads(k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, acc: torch.dtype) -> list[torch.Tensor]:
+    """Zeroed ``[dK, dV, dc]`` accumulators shaped like ``k``, ``v`` and the key prefix sums ``c``."""
+    return [torch.zeros(x.shape, dtype=acc, device=k.device) for x in (k, v, c)]
+
+
 def _pair_operands(a, b, excl, inc, cl, ckr_b):
     """Key-side sums and offset of a (query chunk a, key chunk b) pair.
 
@@ -299,7 +310,7 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, g, comm: RingComm, plan: RingPlan, scale, acp_delta, tile, stats, fns):
         fwd, _ = fns
         me, w, n = comm.me, comm.size, plan.chunk_len
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(q)
         b, t, h, d = q.shape
         cl, ckr, tot = _prefix_sums(g, n)
         excl, inc = _offsets(comm, plan, tot)
@@ -336,7 +347,7 @@ class RingAttention(torch.autograd.Function):
         comm, plan, scale, acp_delta, tile, fns, counters = ctx.cfg
         _, bwd = fns
         me, w, n = comm.me, comm.size, plan.chunk_len
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(q)
         cl, ckr, tot = _prefix_sums(g, n)
         excl, inc = _offsets(comm, plan, tot)
         delta = (do.to(acc) * o.to(acc)).sum(dim=-1)
@@ -344,8 +355,7 @@ class RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         cur, meta = pack([k, v, ckr])
         spare = torch.empty_like(cur)
-        zero_dkv = [torch.zeros(k.shape, dtype=acc, device=q.device), torch.zeros(v.shape, dtype=acc, device=q.device),
-                    torch.zeros(cl.shape, dtype=acc, device=q.device)]
+        zero_dkv = zero_kv_grads(k, v, cl, acc)
         dbuf, dmeta = pack(zero_dkv)
         dbytes = dbuf.numel()
         del dbuf

@@ -550,11 +550,15 @@ def _capability(index):
     return torch.cuda.get_device_capability(index)
 
 
-def _desc(x, rows: int):
-    """TMA descriptor over ``x [N, Hx, D]`` seen as ``[N, Hx * D]``, blocks of ``[rows, D]``."""
+def _tma_operands(kernel: str, rows: int, *xs):
+    """``(use TMA, operands)``: TMA descriptors over each ``x [N, Hx, D]`` seen as ``[N, Hx * D]`` with
+    blocks of ``[rows, D]`` when :func:`_use_tma` allows it, else the tensors themselves (the kernel
+    then ignores them and uses its pointer loads)."""
+    if not _use_tma(kernel, *xs):
+        return False, xs
     from triton.tools.tensor_descriptor import TensorDescriptor
-    n, hx, d = x.shape
-    return TensorDescriptor(x, [n, hx * d], [x.stride(0), 1], [rows, d])
+    return True, tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1], [rows, x.shape[2]])
+                       for x in xs)
 
 
 def _force_table(kernel: str, d: int) -> bool:
@@ -628,23 +632,23 @@ class _Plan:
         The dkdv kernel then loops over query rows ``[.., min(Lq, ends * TILE))``, skipping the same
         (query unit, key unit) pairs as the forward and the dq kernel.
         """
-        if getattr(self, "_ends", None) is None and self.tabs is not None:
-            tb = self.tabs  # same values as below from cached tables: no index tensors built per call
-            seq = self.bound if tb.valid3 is None else \
-                torch.where(tb.valid3, self.bound, torch.iinfo(torch.int32).max)
-            seq = seq.permute(0, 2, 1).contiguous()  # [n_docs, H, units]
-            self._ends = torch.searchsorted(seq, tb.key_units(self.h, max(1, -(-self.max_k // self.tile))),
-                                            right=True, out_int32=True)
         if getattr(self, "_ends", None) is None:
-            t, dev = self.tile, self.bound.device
-            nq = self.units_q()
-            valid = torch.arange(self.max_units, device=dev)[None, :] < nq[:, None]
-            seq = torch.where(valid[..., None], self.bound, torch.iinfo(torch.int32).max)
+            valid = self.valid_units()
+            seq = self.bound if valid is None else torch.where(valid, self.bound, torch.iinfo(torch.int32).max)
             seq = seq.permute(0, 2, 1).contiguous()  # [n_docs, H, units]
-            nk = max(1, -(-self.max_k // t))
-            ku = torch.arange(nk, dtype=torch.int32, device=dev).expand(self.n_docs, self.h, nk).contiguous()
-            self._ends = torch.searchsorted(seq, ku, right=True).to(torch.int32)
+            nk = max(1, -(-self.max_k // self.tile))
+            # the single-device entry point's cached key-unit indices: no index tensor built per call
+            ku = self.tabs.key_units(self.h, nk) if self.tabs is not None else \
+                torch.arange(nk, dtype=torch.int32, device=seq.device).expand(self.n_docs, self.h, nk).contiguous()
+            self._ends = torch.searchsorted(seq, ku, right=True, out_int32=True)
         return self._ends
+
+    def valid_units(self):
+        """``[n_docs, max_units, 1]`` bool: query units inside their document (the rows of ``bound`` past
+        a shorter document's end are never written), or None when every document has ``max_units``."""
+        if self.tabs is not None:
+            return self.tabs.valid3  # cached per layout
+        return (torch.arange(self.max_units, device=self.bound.device)[None, :] < self.units_q()[:, None])[..., None]
 
     def units_q(self):
         """Query units per document, on the device, from ``cu_q`` (no host-to-device copy: a
@@ -665,20 +669,16 @@ class _Plan:
             return
         if self.tabs is not None and self.causal:
             stats.tiles_total += self.tabs.tiles_total * self.h
-            if self.bound is not None:
-                tb = self.tabs
-                stats.add_pruned(self.bound if tb.valid3 is None else torch.where(tb.valid3, self.bound, 0))
-            return
-        t = self.tile
-        total = 0
-        for lq, lk in zip(self.lens_q, self.lens_k):
-            nq, nk = -(-lq // t), -(-lk // t)
-            total += sum(min(i, nk - 1) + 1 for i in range(nq)) if self.causal else nq * nk
-        stats.tiles_total += total * self.h
+        else:
+            t = self.tile
+            total = 0
+            for lq, lk in zip(self.lens_q, self.lens_k):
+                nq, nk = -(-lq // t), -(-lk // t)
+                total += sum(min(i, nk - 1) + 1 for i in range(nq)) if self.causal else nq * nk
+            stats.tiles_total += total * self.h
         if self.bound is not None:
-            nq = self.units_q()
-            valid = torch.arange(self.max_units, device=self.bound.device)[None, :] < nq[:, None]
-            stats.add_pruned(torch.where(valid[..., None], self.bound, 0))  # summed on read: no sync here
+            valid = self.valid_units()
+            stats.add_pruned(self.bound if valid is None else torch.where(valid, self.bound, 0))  # summed on read
 
 
 # Outputs are allocated with torch.empty; tests set FOXKERNELS_POISON=1 to NaN-fill them (-1 for ints)
@@ -728,8 +728,7 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
     if bound is None:
         bound = lse  # dummy pointer when ACP is off
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
-    tma = _use_tma("fwd", k, v)
-    kd, vd = (_desc(k, bn), _desc(v, bn)) if tma else (k, v)
+    tma, (kd, vd) = _tma_operands("fwd", bn, k, v)
     _fwd_kernel[grid](
         q, k, v, plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -773,8 +772,7 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
                lse2.stride(0), lse2.stride(1), scale, scale * LOG2E)
     common = (*strides, plan.max_units, h, h // hkv)
     bm, bn, warps, stages = cfg["dq"]
-    tma = _use_tma("dq", k, v)
-    kd, vd = (_desc(k, bn), _desc(v, bn)) if tma else (k, v)
+    tma, (kd, vd) = _tma_operands("dq", bn, k, v)
     _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -783,8 +781,7 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
-    tma = _use_tma("dkdv", q, do)
-    qd, dod = (_desc(q, bm), _desc(do, bm)) if tma else (q, do)
+    tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
