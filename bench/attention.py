@@ -363,7 +363,8 @@ def ab(device, results, specs, shapes, rounds=2):
 
 def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
     """CUDA kernel time breakdown of one forward+backward (torch.profiler), dense (near-1 gates) and
-    with ACP on mixed gates."""
+    with ACP on mixed gates, next to the do_bench totals of the same case: what the kernels take and
+    what the PyTorch glue around them adds. Gradients are reset before every run, as in the timings."""
     from torch.profiler import ProfilerActivity, profile as prof
     gen = torch.Generator(device=device).manual_seed(3)
     out = {}
@@ -374,17 +375,26 @@ def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
         delta = acp_threshold(EPS, qk_bound(q, k, d ** -0.5), t).to(device)
         for case, g, dl in (("dense", xs[3], None), ("acp_mixed", g_mixed.requires_grad_(True), delta)):
             args = [*xs[:3], g]
-            for _ in range(2):
+
+            def fwdbwd():
                 foxkernels.forgetting_attention(*args, acp_delta=dl).backward(do)
-            torch.cuda.synchronize()
+
+            def fwd():
+                with torch.no_grad():
+                    foxkernels.forgetting_attention(*args, acp_delta=dl)
+            total = time_fwd_fwdbwd(fwd, fwdbwd, args)
             with prof(activities=[ProfilerActivity.CUDA]) as p:
                 for _ in range(3):
-                    foxkernels.forgetting_attention(*args, acp_delta=dl).backward(do)
+                    for x in args:
+                        x.grad = None
+                    fwdbwd()
                 torch.cuda.synchronize()
             table = p.key_averages().table(sort_by="device_time_total", row_limit=16)
-            print(name, case, "\n", table, flush=True)
-            out[f"{name}/{case}"] = {e.key: getattr(e, "device_time_total", 0) / 3e3 for e in p.key_averages()
-                                     if getattr(e, "device_time_total", 0) > 0}
+            print(name, case, f"do_bench fwd {total[0]:.3f} fwd+bwd {total[1]:.3f} ms\n", table, flush=True)
+            # kernels only (the autograd Function ranges contain their kernels and would count twice)
+            kern = {e.key: getattr(e, "self_device_time_total", 0) / 3e3 for e in p.key_averages()
+                    if getattr(e, "self_device_time_total", 0) > 0}
+            out[f"{name}/{case}"] = dict(do_bench_fwd_fwdbwd=total, kernels=kern, kernel_sum=sum(kern.values()))
         del q, k, v, do, xs
     results["profile_ms_per_fwdbwd"] = out
 
