@@ -347,9 +347,10 @@ class Trainer:
         Under context parallelism each rank runs its shard; the returned value's backward gives every
         rank the gradient of its own tokens divided by the replica's token count.
         """
+        # document boundaries from the host batch: no device synchronisation (see document_cu_seqlens)
+        cu = document_cu_seqlens(batch[:, :-1], self.eos_id) if self.cfg.data.document_masking else None
         batch = batch.to(self.rt.device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
-        cu = document_cu_seqlens(x, self.eos_id) if self.cfg.data.document_masking else None
         model = self.engine or self.ddp or self.model
         with self._autocast():
             if self.cp is None:

@@ -224,3 +224,45 @@ def test_loss_spike_is_logged(tmp_path, monkeypatch, capsys):
     run(_cfg(d, "train.max_steps=3"), d)
     assert [r["loss_spikes"] for r in _metrics(d)] == [0, 0, 1]
     assert "loss spike at step 3: loss" in capsys.readouterr().out
+
+
+def test_document_masking_trains_on_host_boundaries(tmp_path):
+    """With data.document_masking the trainer masks across EOS: its loss on a batch equals the model's
+    loss with boundaries built independently, differs from the unmasked loss, and the boundaries it
+    passes are a host tensor (the kernels read them on the host; a GPU copy costs a sync per layer)."""
+    import foxdist.train as ft
+    from foxdist.runtime import init_runtime
+
+    cfg = _cfg(tmp_path / "r", "data.document_masking=true", "train.max_steps=1")
+    trainer = ft.Trainer(cfg, tmp_path / "r", init_runtime("cpu", "gloo", 60))
+    try:
+        batch = next(trainer.loader).clone()
+        b, t1 = batch.shape
+        eos = trainer.eos_id
+        batch[0, 7] = eos
+        batch[1, t1 - 40] = eos
+        seen = []
+        real = ft.document_cu_seqlens
+
+        def spy(tokens, eos_id):
+            cu = real(tokens, eos_id)
+            seen.append(cu)
+            return cu
+        ft.document_cu_seqlens = spy
+        try:
+            with torch.no_grad():
+                masked = trainer._loss(batch)
+        finally:
+            ft.document_cu_seqlens = real
+        t = t1 - 1
+        cuts = sorted({*range(0, b * t + 1, t), 8, t + (t1 - 40) + 1}
+                      | {r * t + c + 1 for r, c in (batch[:, :-1] == eos).nonzero().tolist()})
+        assert seen and seen[0].device.type == "cpu" and seen[0].tolist() == cuts
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.no_grad():
+            ref = trainer.model(x, y, cu_seqlens=torch.tensor(cuts))
+            plain = trainer.model(x, y)
+        assert torch.equal(masked, ref)
+        assert (masked - plain).abs() > 1e-6
+    finally:
+        ft.shutdown(trainer)

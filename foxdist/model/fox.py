@@ -47,13 +47,18 @@ def document_cu_seqlens(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Boundaries for packing ``[B, T]`` rows into one ``[1, B*T]`` row with document masking.
 
     A document ends after each EOS token; every row start is a boundary as well.
-    Returns int64 ``[n_docs + 1]`` from 0 to ``B*T``.
+    Returns int64 ``[n_docs + 1]`` from 0 to ``B*T`` on the host (pinned when CUDA is available). The
+    attention kernels build their document tables on the host, so a device tensor would cost one
+    device-to-host synchronisation per layer; pass host ``tokens`` (the batch before it moves to the
+    GPU) to avoid the one here too. Consumers that need the boundaries on a GPU copy them without
+    blocking (pinned memory).
     """
     b, t = tokens.shape
-    ends = (tokens == eos_id).nonzero()
+    ends = (tokens.detach().cpu() == eos_id).nonzero()
     cuts = set(range(0, b * t + 1, t))
     cuts.update((ends[:, 0] * t + ends[:, 1] + 1).tolist())
-    return torch.tensor(sorted(cuts), dtype=torch.int64, device=tokens.device)
+    cu = torch.tensor(sorted(cuts), dtype=torch.int64)
+    return cu.pin_memory() if torch.cuda.is_available() else cu
 
 
 @torch.compiler.disable
@@ -147,7 +152,7 @@ class RopeAttentionLayer(nn.Module):
         if cu_seqlens is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            seg = segment_ids(cu_seqlens, b * t).view(b, t)
+            seg = segment_ids(cu_seqlens.to(x.device, non_blocking=True), b * t).view(b, t)
             mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.hd))

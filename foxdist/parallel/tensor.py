@@ -245,7 +245,7 @@ class TPRopeAttention(_TPRegion):
         if cu_seqlens is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            seg = segment_ids(cu_seqlens, b * t).view(b, t)
+            seg = segment_ids(cu_seqlens.to(x.device, non_blocking=True), b * t).view(b, t)
             mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         o = o.permute(2, 0, 1, 3).reshape(t, b, self.h * self.hd)
