@@ -116,13 +116,14 @@ adopted.
   ACP on mixed gates 3.6 / 3.9 / 6.8 ms with 68% of units pruned, so ACP time scales with the kept work
   (dkdv a little better than that, the forward 3% worse at 64k); what remains is kernel speed.
 
-Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23-4edf059.json``):
-T16k H24 D64 / T32k H16 D128 / T64k H16 D128. Ours dense: 10.7 / 44.5 / 182. SDPA flash backend, same
-run: 10.2 / 49.4 / 193 (ratio 1.05 / 0.90 / 0.95). SDPA's default choice (cuDNN): 7.1 / 29.0 / 112
-(ratio 1.51 / 1.53 / 1.62). FLA 0.6.0, same run: 21.0 / 73.4 / 292. Ours with ACP on mixed gates:
-4.7 / 15.4 / 45.6, against the official kernel's 7.3 / 18.1 / 54.2 (ratio 0.65 / 0.85 / 0.84; across
-this session's runs 0.81-0.85 at 32k). The gap to cuDNN is the kernel's matmul efficiency (no warp
-specialisation), not the decay: without any decay term the same kernel was only 8-15% faster.
+Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23-4c21d96.json``):
+T16k H24 D64 / T32k H16 D128 / T64k H16 D128. Ours dense: 10.6 / 43.8 / 183. SDPA flash backend, same
+run: 10.1 / 47.1 / 192 (ratio 1.04 / 0.93 / 0.95). SDPA's default choice (cuDNN): 6.7 / 29.0 / 112
+(ratio 1.57 / 1.51 / 1.63). FLA 0.6.0, same run: 20.9 / 73.2 / 302. Ours with ACP on mixed gates:
+4.7 / 15.0 / 47.5, against the official kernel's 7.3 / 18.1 / 54.2 (ratio 0.64 / 0.83 / 0.88; single
+ACP-mixed cells move by +-5% between runs and random draws: 0.80-0.85 at 32k, 0.79-0.88 at 64k over four runs).
+The gap to cuDNN is the kernel's matmul efficiency (no warp specialisation), not the decay: without any decay
+term the same kernel was only 8-15% faster.
 """
 
 from __future__ import annotations
