@@ -264,7 +264,7 @@ SUITE = DistSuite(world_size=4, timeout_s=600, checks=[
     Check("tp2_dp2", _compare, dict(tp=2, docs=True)),
     Check("tp2_dp2_sp_acp", _compare, dict(tp=2, sp=True, acp_eps=math.exp(-10))),
     Check("tp2_dp2_sp_transformer_tied", _compare,
-          dict(tp=2, sp=True, model=dict(arch="transformer", tie_embeddings=True))),
+          dict(tp=2, sp=True, model=dict(arch="transformer", tie_embeddings=True), docs=True)),
     Check("bf16_autocast_tp2_sp", _check_bf16_autocast),
     Check("tp2_cp2_sp_zigzag_ring", _compare_cp, dict(tp=2, cp=2, sp=True)),
     Check("tp2_cp2_contiguous_ulysses", _compare_cp, dict(tp=2, cp=2, sp=False, layout="contiguous", mode="ulysses")),

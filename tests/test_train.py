@@ -226,7 +226,7 @@ def test_loss_spike_is_logged(tmp_path, monkeypatch, capsys):
     assert "loss spike at step 3: loss" in capsys.readouterr().out
 
 
-def test_document_masking_trains_on_host_boundaries(tmp_path):
+def test_document_masking_trains_on_host_boundaries(tmp_path, monkeypatch):
     """With data.document_masking the trainer masks across EOS: its loss on a batch equals the model's
     loss with boundaries built independently, differs from the unmasked loss, and the boundaries it
     passes are a host tensor (the kernels read them on the host; a GPU copy costs a sync per layer)."""
@@ -248,12 +248,9 @@ def test_document_masking_trains_on_host_boundaries(tmp_path):
             cu = real(tokens, eos_id)
             seen.append(cu)
             return cu
-        ft.document_cu_seqlens = spy
-        try:
-            with torch.no_grad():
-                masked = trainer._loss(batch)
-        finally:
-            ft.document_cu_seqlens = real
+        monkeypatch.setattr(ft, "document_cu_seqlens", spy)
+        with torch.no_grad():
+            masked = trainer._loss(batch)
         t = t1 - 1
         cuts = sorted({*range(0, b * t + 1, t), 8, t + (t1 - 40) + 1}
                       | {r * t + c + 1 for r, c in (batch[:, :-1] == eos).nonzero().tolist()})

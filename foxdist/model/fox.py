@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, model_dims
 from ..ops import AcpStats, forgetting_attention, qknorm_bound
-from ..ops.naive import segment_ids
+from ..ops.naive import document_causal_mask
 from .layers import RMSNorm, SwiGLU, acc_dtype, apply_rope, rope_tables, shift_tokens, token_shift_mix
 
 
@@ -152,9 +152,7 @@ class RopeAttentionLayer(nn.Module):
         if cu_seqlens is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            seg = segment_ids(cu_seqlens.to(x.device, non_blocking=True), b * t).view(b, t)
-            mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(cu_seqlens, b, t, x.device))
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.hd))
 
 

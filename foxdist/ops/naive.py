@@ -15,6 +15,15 @@ def segment_ids(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
 
 
+def document_causal_mask(cu_seqlens: torch.Tensor, b: int, t: int, device) -> torch.Tensor:
+    """``[B, 1, T, T]`` bool SDPA mask for ``B`` rows of ``T`` tokens packed by ``cu_seqlens`` (over ``B*T``):
+    causal and within one document. Host boundaries (:func:`foxdist.model.document_cu_seqlens`, pinned)
+    go to ``device`` without blocking."""
+    seg = segment_ids(cu_seqlens.to(device, non_blocking=True), b * t).view(b, t)
+    mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    return mask[:, None]
+
+
 def naive_forgetting_attention(q, k, v, g, *, scale=None, cu_seqlens=None, return_lse=False):
     """``o_i = sum_j softmax_j(scale q_i.k_j + c_i - c_j) v_j`` over causal, same-document j.
 

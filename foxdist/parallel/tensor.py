@@ -51,7 +51,7 @@ from ..model import layers as _layers
 from ..model.fox import FoxLM, ForgettingAttentionLayer, LocalSequence
 from ..model.layers import apply_rope, rope_tables
 from ..ops import AcpStats, qknorm_bound
-from ..ops.naive import segment_ids
+from ..ops.naive import document_causal_mask
 from .dims import ParallelDims
 
 _LOCAL = LocalSequence()
@@ -245,9 +245,7 @@ class TPRopeAttention(_TPRegion):
         if cu_seqlens is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            seg = segment_ids(cu_seqlens.to(x.device, non_blocking=True), b * t).view(b, t)
-            mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(cu_seqlens, b, t, x.device))
         o = o.permute(2, 0, 1, 3).reshape(t, b, self.h * self.hd)
         return self._out(self.o_proj(o))
 
