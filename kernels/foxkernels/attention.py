@@ -465,9 +465,9 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, 
 def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, CU_K,
                  s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_do_t, s_do_h, s_dk_t, s_dk_h, s_dv_t, s_dv_h,
                  s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
-                 sm_scale, sm_scale2, max_kunits, H, GROUP,
+                 sm_scale, sm_scale2, max_kunits, H, GROUP, split_rows,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, PART: tl.constexpr, QD, DOD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
@@ -476,7 +476,26 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
     ks = tl.load(CU_K + z).to(tl.int64)
     lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
     n0 = pid * BN
-    if n0 < lk:
+    run = n0 < lk
+    if PART != 0:
+        # Two launches share the key units (see _dkdv_parts): PART 1 takes the units that at least
+        # split_rows query rows keep (summed over the kv head's query heads), PART 2 the others. Both
+        # compute the same per-unit count, so every unit is done by exactly one of them.
+        ku0 = n0 // TILE
+        work = lq * 0
+        for g in range(0, GROUP):
+            end_g = lq
+            if USE_ACP:
+                end_g = tl.minimum(lq, tl.load(ENDS + (z * H + hk * GROUP + g) * max_kunits + ku0) * TILE)
+            if CAUSAL:
+                work += tl.maximum(end_g - ku0 * TILE, 0)
+            else:
+                work += end_g
+        if PART == 1:
+            run = run & (work >= split_rows)
+        else:
+            run = run & (work < split_rows)
+    if run:
         offs_n = n0 + tl.arange(0, BN)
         offs_m0 = tl.arange(0, BM)
         offs_d = tl.arange(0, D)
@@ -584,10 +603,11 @@ def _config(d: int, tile: int):
 @functools.lru_cache(maxsize=64)
 def _config_cached(d: int, tile: int, env: str | None):
     # (BLOCK_M, BLOCK_N, warps, stages) from the H100 sweep in bench/results (T = 16k, bf16)
+    # dkdv_long: the key units that many query rows keep, when the dkdv work is split (_dkdv_split)
     if d <= 64:
-        cfg = dict(fwd=(128, 128, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3))
+        cfg = dict(fwd=(128, 128, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3), dkdv_long=(32, 64, 4, 3))
     else:
-        cfg = dict(fwd=(128, 64, 8, 4), dq=(128, 64, 8, 3), dkdv=(32, 128, 8, 3))
+        cfg = dict(fwd=(128, 64, 8, 4), dq=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dkdv_long=(32, 64, 4, 3))
     if env:  # "fwd=128,64,4,3;dq=...;dkdv=..." (benchmark sweeps)
         for part in env.split(";"):
             key, val = part.split("=")
@@ -597,10 +617,22 @@ def _config_cached(d: int, tile: int, env: str | None):
         bm, bn = min(bm, tile), min(bn, tile)
         assert tile % bm == 0 and tile % bn == 0, (key, bm, bn, tile)
         out[key] = (bm, bn, warps, stages)
-    if out["dkdv"][1] % out["dkdv"][0]:
-        bm, bn, w, s = out["dkdv"]
-        out["dkdv"] = (min(bm, bn), bn, w, s)
+    for key in ("dkdv", "dkdv_long"):
+        if out[key][1] % out[key][0]:
+            bm, bn, w, s = out[key]
+            out[key] = (min(bm, bn), bn, w, s)
     return out
+
+
+def _dkdv_split(d: int) -> int | None:
+    """Query rows from which a key unit's dkdv work goes to the ``dkdv_long`` launch, or None (one launch).
+
+    ``FOXKERNELS_DKDV_SPLIT``: a row count, or ``none``.
+    """
+    env = os.environ.get("FOXKERNELS_DKDV_SPLIT")
+    if env is not None:
+        return None if env == "none" else int(env)
+    return None
 
 
 class _Plan:
@@ -781,15 +813,18 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
         TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
-    bm, bn, warps, stages = cfg["dkdv"]
-    tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
-    _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
-        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
-        ends.shape[-1] if use_acp else 1, h, h // hkv,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
+    split = _dkdv_split(d)
+    parts = ((0, "dkdv"),) if split is None else ((1, "dkdv_long"), (2, "dkdv"))
+    for part, key in parts:
+        bm, bn, warps, stages = cfg[key]
+        tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
+        _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
+            q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
+            ends.shape[-1] if use_acp else 1, h, h // hkv, split or 0,
+            D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
+            TMA=tma, PART=part, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
