@@ -86,10 +86,25 @@ medians; "H100"/"H200" = the lent machine of that run; full tables in ``bench/re
 
 Block sizes and warps per head dim are in :func:`_config` (a sweep on the H100, T=16k). The dkdv
 kernel at D128 went from 2 to 3 stages once the row masks left its main loop: T32k fwd+bwd 48.6 -> 45.3
-ms dense (same run). At D64, 8 warps remove every spill (231-246 registers) but ran slower: 11.66 (3 stages)
-and 12.72 ms (2 stages) against 11.03 ms for 4 warps, which still spills a little (8 spill loads in
-its main loop). ``(32, 64, 4, 3)`` (no spill) ran 10.92 ms dense but 11.15 ms with ACP, so it was not
-adopted.
+ms dense (same run).
+
+* **Two dkdv CTAs per SM.** The dkdv kernel runs key tiles of 64 on 4 warps, ``(32, 64, 4, 3)``, at both
+  head dims. Its per-thread state is the same as with 128-key tiles on 8 warps (two [64, D] fp32
+  accumulators per warpgroup, 255 registers at D128, 216 at D64 with no spill), but a CTA is one
+  warpgroup, so two fit on an SM and one's softmax and loads overlap the other's wgmma; with one 8-warp
+  CTA both warpgroups wait on every wgmma together (Triton waits on a non-accumulating ``tl.dot`` at
+  once, so nothing inside one warpgroup overlaps). Same-run A/B on the H100
+  (``bench/results/attention-h100-2026-11-23-ab-dkdv-split.json``, fwd+bwd): dense 10.66 -> 10.57 /
+  44.31 -> 41.92 / 177.9 -> 168.1 ms at T16k D64 / T32k D128 / T64k D128; ACP on mixed gates 4.76 ->
+  4.61 / 15.48 -> 15.00 / 45.04 -> 44.77 ms. The dkdv kernel alone (profile, T32k D128 dense) 21.6 ->
+  19.4 ms; under ACP it stays at 6.8 ms: the light heads' short programs pay the per-program cost twice
+  as often, which eats what the heavy heads gain. Splitting the key units between two launches by the
+  query rows that keep them (64-key tiles for long units, 128 for short) was measured in the same run
+  at thresholds 1k / 4k / 16k rows and was never better than 64-key tiles everywhere, so it was not
+  kept. Earlier, before the diagonal split, 8-warp D64 variants were slower (11.66 and 12.72 ms
+  against 11.03 ms for 4 warps). Also measured (first A/B in the same file's session, T32k / T64k):
+  ``(64, 128, 8, 2)`` +25%, ``(16, 128, 8, 4)`` +13 to +18%, ``(32, 128, 8, 4)`` -1 to +3%; dq with
+  ``(64, 32, 4, 3)`` or ``(64, 64, 4, 3)`` (two CTAs per SM) +4 to +9%.
 
 * **Registers.** Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
   64-bit offsets per element, cut ptxas's spill stores (Triton 3.8 here, compiled without the JIT's
@@ -98,9 +113,8 @@ adopted.
   ``2**31 / (H * D)`` tokens are refused by :func:`_check_offsets`. Those compiles overstate the spills.
   Compiled the way the JIT specialises the arguments (16-divisible strides and pointers, ``GROUP = 1``
   as a constant), with triton 3.6 as on the GPU image, the current kernels use: fwd 245 registers
-  (D64) and 255 (D128), no spills; dq 162-168 (D64) and 255 (D128, 4-16 bytes of spill); dkdv D64 255
-  with 352 bytes of spill (8 spill loads in its main loop); dkdv D128 255 with 24-48 bytes (none inside
-  the loops).
+  (D64) and 255 (D128), no spills; dq 162-168 (D64) and 255 (D128, 4-16 bytes of spill); the 4-warp dkdv
+  216 (D64, no spill) and 255 (D128, 52-60 bytes of spill, none inside the loops).
 
 * **TMA in the forward only.** The forward's whole key tiles come in through TMA descriptors over
   ``[N, Hkv*D]`` (``FOXKERNELS_TMA``, default ``fwd``): forward time -1 to -4% at all three shapes,
@@ -116,14 +130,16 @@ adopted.
   ACP on mixed gates 3.6 / 3.9 / 6.8 ms with 68% of units pruned, so ACP time scales with the kept work
   (dkdv a little better than that, the forward 3% worse at 64k); what remains is kernel speed.
 
-Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23-4c21d96.json``):
-T16k H24 D64 / T32k H16 D128 / T64k H16 D128. Ours dense: 10.6 / 43.8 / 183. SDPA flash backend, same
-run: 10.1 / 47.1 / 192 (ratio 1.04 / 0.93 / 0.95). SDPA's default choice (cuDNN): 6.7 / 29.0 / 112
-(ratio 1.57 / 1.51 / 1.63). FLA 0.6.0, same run: 20.9 / 73.2 / 302. Ours with ACP on mixed gates:
-4.7 / 15.0 / 47.5, against the official kernel's 7.3 / 18.1 / 54.2 (ratio 0.64 / 0.83 / 0.88; single
-ACP-mixed cells move by +-5% between runs and random draws: 0.80-0.85 at 32k, 0.79-0.88 at 64k over four runs).
-The gap to cuDNN is the kernel's matmul efficiency (no warp specialisation), not the decay: without any decay
-term the same kernel was only 8-15% faster.
+Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23-dkdv64.json``):
+T16k H24 D64 / T32k H16 D128 / T64k H16 D128. Ours dense: 10.6 / 42.0 / 168. SDPA flash backend, same
+run: 10.2 / 47.4 / 193 (ratio 1.04 / 0.88 / 0.87). SDPA's default choice (cuDNN): 6.9 / 29.6 / 113
+(ratio 1.54 / 1.42 / 1.48). FLA 0.6.0, same run: 21.3 / 73.8 / 291. Ours with ACP on mixed gates:
+4.6 / 14.9 / 44.7, against the official kernel's 7.3 / 18.1 / 54.2 (ratio 0.63 / 0.83 / 0.82; single
+ACP-mixed cells move by +-5% between runs and random draws: 0.82-0.83 at 32k and 64k in this session's
+three runs, so the 0.8 target is still missed by a few percent at 32k and 64k). Profile of that run (T64k, ms per
+fwd+bwd): dense fwd 44.0 / dq 48.1 / dkdv 76.1; ACP on mixed gates 10.6 / 12.0 / 20.0 with 76% of
+units pruned. The gap to cuDNN is the kernel's matmul efficiency (no warp specialisation), not the decay:
+without any decay term the same kernel was only 8-15% faster.
 """
 
 from __future__ import annotations
@@ -465,9 +481,9 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, 
 def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, CU_K,
                  s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_do_t, s_do_h, s_dk_t, s_dk_h, s_dv_t, s_dv_h,
                  s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
-                 sm_scale, sm_scale2, max_kunits, H, GROUP, split_rows,
+                 sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, PART: tl.constexpr, QD, DOD):
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
@@ -476,26 +492,7 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
     ks = tl.load(CU_K + z).to(tl.int64)
     lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
     n0 = pid * BN
-    run = n0 < lk
-    if PART != 0:
-        # Two launches share the key units (see _dkdv_parts): PART 1 takes the units that at least
-        # split_rows query rows keep (summed over the kv head's query heads), PART 2 the others. Both
-        # compute the same per-unit count, so every unit is done by exactly one of them.
-        ku0 = n0 // TILE
-        work = lq * 0
-        for g in range(0, GROUP):
-            end_g = lq
-            if USE_ACP:
-                end_g = tl.minimum(lq, tl.load(ENDS + (z * H + hk * GROUP + g) * max_kunits + ku0) * TILE)
-            if CAUSAL:
-                work += tl.maximum(end_g - ku0 * TILE, 0)
-            else:
-                work += end_g
-        if PART == 1:
-            run = run & (work >= split_rows)
-        else:
-            run = run & (work < split_rows)
-    if run:
+    if n0 < lk:
         offs_n = n0 + tl.arange(0, BN)
         offs_m0 = tl.arange(0, BM)
         offs_d = tl.arange(0, D)
@@ -603,11 +600,11 @@ def _config(d: int, tile: int):
 @functools.lru_cache(maxsize=64)
 def _config_cached(d: int, tile: int, env: str | None):
     # (BLOCK_M, BLOCK_N, warps, stages) from the H100 sweep in bench/results (T = 16k, bf16)
-    # dkdv_long: the key units that many query rows keep, when the dkdv work is split (_dkdv_split)
+    # dkdv: 64-key tiles on 4 warps fit two CTAs per SM (module docstring, "Two dkdv CTAs per SM")
     if d <= 64:
-        cfg = dict(fwd=(128, 128, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3), dkdv_long=(32, 64, 4, 3))
+        cfg = dict(fwd=(128, 128, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 3))
     else:
-        cfg = dict(fwd=(128, 64, 8, 4), dq=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dkdv_long=(32, 64, 4, 3))
+        cfg = dict(fwd=(128, 64, 8, 4), dq=(128, 64, 8, 3), dkdv=(32, 64, 4, 3))
     if env:  # "fwd=128,64,4,3;dq=...;dkdv=..." (benchmark sweeps)
         for part in env.split(";"):
             key, val = part.split("=")
@@ -617,22 +614,10 @@ def _config_cached(d: int, tile: int, env: str | None):
         bm, bn = min(bm, tile), min(bn, tile)
         assert tile % bm == 0 and tile % bn == 0, (key, bm, bn, tile)
         out[key] = (bm, bn, warps, stages)
-    for key in ("dkdv", "dkdv_long"):
-        if out[key][1] % out[key][0]:
-            bm, bn, w, s = out[key]
-            out[key] = (min(bm, bn), bn, w, s)
+    if out["dkdv"][1] % out["dkdv"][0]:
+        bm, bn, w, s = out["dkdv"]
+        out["dkdv"] = (min(bm, bn), bn, w, s)
     return out
-
-
-def _dkdv_split(d: int) -> int | None:
-    """Query rows from which a key unit's dkdv work goes to the ``dkdv_long`` launch, or None (one launch).
-
-    ``FOXKERNELS_DKDV_SPLIT``: a row count, or ``none``.
-    """
-    env = os.environ.get("FOXKERNELS_DKDV_SPLIT")
-    if env is not None:
-        return None if env == "none" else int(env)
-    return None
 
 
 class _Plan:
@@ -813,18 +798,15 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
         TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
-    split = _dkdv_split(d)
-    parts = ((0, "dkdv"),) if split is None else ((1, "dkdv_long"), (2, "dkdv"))
-    for part, key in parts:
-        bm, bn, warps, stages = cfg[key]
-        tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
-        _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
-            q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
-            ends.shape[-1] if use_acp else 1, h, h // hkv, split or 0,
-            D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-            TMA=tma, PART=part, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = cfg["dkdv"]
+    tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
+    _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
+        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
+        ends.shape[-1] if use_acp else 1, h, h // hkv,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
+        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
