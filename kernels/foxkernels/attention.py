@@ -89,11 +89,12 @@ kernel at D128 went from 2 to 3 stages once the row masks left its main loop: T3
 ms dense (same run).
 
 * **Two dkdv CTAs per SM.** The dkdv kernel runs key tiles of 64 on 4 warps, ``(32, 64, 4, 3)``, at both
-  head dims. Its per-thread state is the same as with 128-key tiles on 8 warps (two [64, D] fp32
-  accumulators per warpgroup, 255 registers at D128, 216 at D64 with no spill), but a CTA is one
-  warpgroup, so two fit on an SM and one's softmax and loads overlap the other's wgmma; with one 8-warp
-  CTA both warpgroups wait on every wgmma together (Triton waits on a non-accumulating ``tl.dot`` at
-  once, so nothing inside one warpgroup overlaps). Same-run A/B on the H100
+  head dims. At D128 its per-thread state is the same as with the previous 128-key tiles on 8 warps (two
+  [64, D] fp32 accumulators per warpgroup, 255 registers), but a CTA is one warpgroup, so two fit on an
+  SM and one's softmax and loads overlap the other's wgmma; with one 8-warp CTA both warpgroups wait on
+  every wgmma together (Triton waits on a non-accumulating ``tl.dot`` at once, so nothing inside one
+  warpgroup overlaps). At D64 the previous 128-key tiles on 4 warps held twice the accumulators per
+  thread and spilled; 64-key tiles use 216 registers and no spill. Same-run A/B on the H100
   (``bench/results/attention-h100-2026-11-23-ab-dkdv-split.json``, fwd+bwd): dense 10.66 -> 10.57 /
   44.31 -> 41.92 / 177.9 -> 168.1 ms at T16k D64 / T32k D128 / T64k D128; ACP on mixed gates 4.76 ->
   4.61 / 15.48 -> 15.00 / 45.04 -> 44.77 ms. The dkdv kernel alone (profile, T32k D128 dense) 21.6 ->
@@ -102,9 +103,10 @@ ms dense (same run).
   query rows that keep them (64-key tiles for long units, 128 for short) was measured in the same run
   at thresholds 1k / 4k / 16k rows and was never better than 64-key tiles everywhere, so it was not
   kept. Earlier, before the diagonal split, 8-warp D64 variants were slower (11.66 and 12.72 ms
-  against 11.03 ms for 4 warps). Also measured (first A/B in the same file's session, T32k / T64k):
-  ``(64, 128, 8, 2)`` +25%, ``(16, 128, 8, 4)`` +13 to +18%, ``(32, 128, 8, 4)`` -1 to +3%; dq with
-  ``(64, 32, 4, 3)`` or ``(64, 64, 4, 3)`` (two CTAs per SM) +4 to +9%.
+  against 11.03 ms for 4 warps). Other D128 configurations, same-run A/B at T32k / T64k
+  (``bench/results/attention-h100-2026-11-23-ab-dkdv-configs.json``): dkdv ``(64, 128, 8, 2)`` +25%,
+  ``(16, 128, 8, 4)`` +13 to +18%, ``(32, 128, 8, 4)`` -1 to +3%; dq ``(64, 32, 4, 3)`` or
+  ``(64, 64, 4, 3)`` (two CTAs per SM) +4 to +9%.
 
 * **Registers.** Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
   64-bit offsets per element, cut ptxas's spill stores (Triton 3.8 here, compiled without the JIT's
@@ -113,8 +115,9 @@ ms dense (same run).
   ``2**31 / (H * D)`` tokens are refused by :func:`_check_offsets`. Those compiles overstate the spills.
   Compiled the way the JIT specialises the arguments (16-divisible strides and pointers, ``GROUP = 1``
   as a constant), with triton 3.6 as on the GPU image, the current kernels use: fwd 245 registers
-  (D64) and 255 (D128), no spills; dq 162-168 (D64) and 255 (D128, 4-16 bytes of spill); the 4-warp dkdv
-  216 (D64, no spill) and 255 (D128, 52-60 bytes of spill, none inside the loops).
+  (D64) and 255 (D128), no spills; dq 162-168 (D64) and 255 (D128, 4-16 bytes of spill). The 4-warp dkdv,
+  compiled the same way with triton 3.8: 216 registers (D64, no spill) and 255 (D128, 52-60 bytes of
+  spill, none inside the loops).
 
 * **TMA in the forward only.** The forward's whole key tiles come in through TMA descriptors over
   ``[N, Hkv*D]`` (``FOXKERNELS_TMA``, default ``fwd``): forward time -1 to -4% at all three shapes,
@@ -135,8 +138,8 @@ T16k H24 D64 / T32k H16 D128 / T64k H16 D128. Ours dense: 10.6 / 42.0 / 168. SDP
 run: 10.2 / 47.4 / 193 (ratio 1.04 / 0.88 / 0.87). SDPA's default choice (cuDNN): 6.9 / 29.6 / 113
 (ratio 1.54 / 1.42 / 1.48). FLA 0.6.0, same run: 21.3 / 73.8 / 291. Ours with ACP on mixed gates:
 4.6 / 14.9 / 44.7, against the official kernel's 7.3 / 18.1 / 54.2 (ratio 0.63 / 0.83 / 0.82; single
-ACP-mixed cells move by +-5% between runs and random draws: 0.82-0.83 at 32k and 64k in this session's
-three runs, so the 0.8 target is still missed by a few percent at 32k and 64k). Profile of that run (T64k, ms per
+ACP-mixed cells move by +-5% between runs and random draws: 0.82-0.83 at 32k and 64k in this run and the
+two A/B files above, so the 0.8 target is still missed by a few percent at 32k and 64k). Profile of that run (T64k, ms per
 fwd+bwd): dense fwd 44.0 / dq 48.1 / dkdv 76.1; ACP on mixed gates 10.6 / 12.0 / 20.0 with 76% of
 units pruned. The gap to cuDNN is the kernel's matmul efficiency (no warp specialisation), not the decay:
 without any decay term the same kernel was only 8-15% faster.
