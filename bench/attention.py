@@ -305,7 +305,8 @@ def ab(device, results, specs, shapes, rounds=2):
 
     Each spec is ``NAME=VALUE[|NAME=VALUE...]`` (e.g. ``FOXKERNELS_TMA=none`` or
     ``FOXKERNELS_CONFIG=dkdv=64,128,8,2``; the prefix ``FOXKERNELS_`` may be left out). For every shape
-    and for dense (mixed gates) and ACP on mixed gates, the specs are timed in turn, ``rounds`` times
+    and for dense (mixed gates), ACP on mixed gates and ACP on near-1 gates (nothing prunable), the specs
+    are timed in turn, ``rounds`` times
     (interleaved, so drift hits all alike); each cell is the median over rounds of do_bench medians.
     The outputs of every spec are compared with the first spec's (relative error), so a setting that
     changes results shows up here.
@@ -325,9 +326,10 @@ def ab(device, results, specs, shapes, rounds=2):
         q, k, v, do = (torch.randn(1, t, h, d, device=device, generator=gen, dtype=torch.bfloat16)
                        for _ in range(4))
         g = gates(t, h, "mixed", device, gen)
+        g1 = gates(t, h, "near1", device, gen)
         delta = acp_threshold(EPS, qk_bound(q, k, d ** -0.5), t).to(device)
-        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
-        for case, dl in (("dense", None), ("acp_mixed", delta)):
+        for case, gg, dl in (("dense", g, None), ("acp_mixed", g, delta), ("acp_near1", g1, delta)):
+            xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, gg)]
             times = {sp: ([], []) for sp in specs}
             first = None
             for r in range(rounds):

@@ -79,8 +79,13 @@ def test_dense_matches_naive(t, h, hkv, d, tile, dtype):
 
 @pytest.mark.parametrize("tma", ["none", "fwd,dq,dkdv"])
 def test_tma_and_pointer_loads_agree(monkeypatch, tma):
-    """Whole tiles read through TMA descriptors (FOXKERNELS_TMA) give the pointer path's values exactly,
-    on varlen GQA with ACP; the default (TMA in the forward only) is one of these two per kernel."""
+    """Whole tiles read through TMA descriptors (FOXKERNELS_TMA) give the pointer path's values, on
+    varlen GQA with ACP; the default (TMA in the forward only) is one of these two per kernel.
+
+    Same values up to fp32 rounding, not bitwise: the interpreter's ``tl.dot`` is a numpy matmul, whose
+    summation order depends on the memory layout of the loaded tile (a descriptor load gives a
+    contiguous array, a pointer gather another layout); with numpy 2.5 the two differ in the last bits.
+    A wrong tile (offset, row, head) would differ at the 1e-1 level."""
     cu = torch.tensor([0, 70, 71, 203], dtype=torch.int32)
     q, k, v, g, do = _inputs(1, 203, 4, 2, 32, torch.float32, gate_bias=-0.5, seed=7)
     delta = acp_threshold(EPS, qk_bound(q, k, 32 ** -0.5), 203)
@@ -93,8 +98,58 @@ def test_tma_and_pointer_loads_agree(monkeypatch, tma):
     monkeypatch.setenv("FOXKERNELS_TMA", "fwd")
     default = run()
     for a, b in zip([got[0], got[1], *got[2]], [default[0], default[1], *default[2]]):
-        assert torch.equal(a, b)
+        assert _rel(a, b) < 1e-5
     _check_all(got, _naive64(q, k, v, g, do, cu=cu), 1e-4)
+
+
+def test_work_ordered_launch_matches_grid_order(monkeypatch):
+    """ACP calls launch programs sorted by kept work (_Plan.order); each program computes exactly what it
+    computes in grid order, so results are bitwise equal and the order is a permutation of all programs
+    (NaN-poisoned outputs: a program that never runs leaves NaNs). Varlen (an empty and a one-token
+    document), GQA, heads from fast to slow forgetting; and the non-causal block primitive."""
+    from foxkernels import attention as ka
+    orders = []
+    real_order = ka._Plan.order
+
+    def spy(self, side, block, group=1):
+        out = real_order(self, side, block, group)
+        if out is not None:
+            orders.append((self, side, block, group, out))
+        return out
+    monkeypatch.setattr(ka._Plan, "order", spy)
+    cu = torch.tensor([0, 150, 150, 151, 301], dtype=torch.int32)
+    q, k, v, g, do = _inputs(1, 301, 4, 2, 16, torch.float32, seed=11)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 301, 4) + torch.tensor([-2.0, 0.0, 2.0, 6.0]))
+    delta = acp_threshold(EPS, qk_bound(q, k, 16 ** -0.5), 301)
+    outs = {}
+    for lpt in ("0", "1"):
+        monkeypatch.setenv("FOXKERNELS_LPT", lpt)
+        stats = AcpStats()
+        outs[lpt] = _grads(lambda *x: foxkernels.forgetting_attention(
+            *x, cu_seqlens=cu, acp_delta=delta, stats=stats, return_lse=True, tile=32), q, k, v, g, do)
+        assert 0 < stats.tiles_pruned < stats.tiles_total
+    for a, b in zip([outs["0"][0], outs["0"][1], *outs["0"][2]], [outs["1"][0], outs["1"][1], *outs["1"][2]]):
+        assert torch.equal(a, b)
+    _check_all(outs["1"], _naive64(q, k, v, g, do, cu=cu), 2e-5)
+    assert {o[1] for o in orders} == {"q", "k"}
+    for plan, side, block, group, order in orders:
+        n = order.numel()
+        assert torch.equal(order.long().sort().values, torch.arange(n))
+        assert n == plan.n_docs * (plan.h // group) * -(-(plan.max_q if side == "q" else plan.max_k) // block)
+    # block primitive, full (off-diagonal) tile with ACP
+    b, h, hkv, d, tile = 2, 2, 1, 16, 32
+    q, k, v, cq, ck, offset, do = _block_inputs(b, 96, 131, h, hkv, d, False, seed=12, gate_bias=-1.0)
+    delta = acp_threshold(EPS, qk_bound(q, k, d ** -0.5), 227)
+    res = {}
+    for lpt in ("0", "1"):
+        monkeypatch.setenv("FOXKERNELS_LPT", lpt)
+        o, lse = foxkernels.block_attention_fwd(q, k, v, cq, ck, offset, scale=d ** -0.5, causal=False,
+                                                acp_delta=delta, tile=tile)
+        grads = foxkernels.block_attention_bwd(do, q, k, v, cq, ck, offset, lse, (do * o).sum(-1),
+                                               scale=d ** -0.5, causal=False, acp_delta=delta, tile=tile)
+        res[lpt] = [o, lse, *grads]
+    for a, b in zip(res["0"], res["1"]):
+        assert torch.equal(a, b)
 
 
 def test_batch_and_scale():
@@ -102,6 +157,28 @@ def test_batch_and_scale():
     got = _grads(lambda *x: foxkernels.forgetting_attention(*x, scale=0.3, return_lse=True, tile=32), q, k, v, g, do)
     ref = _naive64(q, k, v, g, do, scale=0.3)
     _check_all(got, ref, 2e-5)
+
+
+@pytest.mark.parametrize("b,t,tile", [(1, 1000, 128), (3, 517, 64), (2, 256, 128), (1, 5, 128)])
+def test_uniform_batch_scans_match_general_path(b, t, tile):
+    # plain [B, T] batches scan per tile (prefix sums in forward, dg's reverse sums in backward); the
+    # general path scans whole rows and subtracts at document ends: same values, same layout
+    from foxkernels import attention as ka
+    gen = torch.Generator().manual_seed(b * t)
+    h = 3
+    g = -torch.rand(b * t, h, generator=gen)
+    tabs = ka._DocTables(*ka._doc_tables(torch.arange(b + 1) * t, b * t, "cpu", t), b * t, tile, h)
+    cl0, base0 = ka._tile_prefix(g, tabs.tstart)
+    cl1, base1 = ka._tile_prefix_uniform(g, b, t, tile)
+    assert torch.equal(cl0, cl1)
+    assert cl1.stride() == cl0.stride() and base1.stride() == base0.stride()  # head-major [N, H]
+    # bases may differ by a per-document constant (the general path counts earlier documents too)
+    c0, c1 = (base0 + cl0.double()).view(b, t, h), (base1 + cl1.double()).view(b, t, h)
+    assert torch.allclose(c0 - c0[:, :1], c1 - c1[:, :1], rtol=0, atol=1e-12)
+    assert torch.equal(base1.view(b, t, h)[:, 0], torch.zeros(b, h, dtype=torch.float64))
+    dc = torch.randn(b * t, h, generator=gen)
+    want = dc.view(b, t, h).double().flip(1).cumsum(1).flip(1).reshape(b * t, h).t()
+    torch.testing.assert_close(ka._reverse_doc_sum_uniform(dc, b, t, tile), want, rtol=0, atol=1e-12)
 
 
 def test_varlen_documents():

@@ -272,21 +272,38 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m,
 
 
 @triton.jit
+def _query_program(ORDER, n_tiles, H, ORDERED: tl.constexpr):
+    """(document, head, query tile) of this program of the forward or dq kernel.
+
+    Plain launch: grid ``(tiles, docs, H)``, the last (heaviest, causal) query tiles first. Ordered
+    launch (ACP, see :meth:`_Plan.order`): a 1-D grid over ``ORDER[pid] = (z * H + h) * n_tiles + j``
+    with query tile ``n_tiles - 1 - j``."""
+    if ORDERED:
+        p = tl.load(ORDER + tl.program_id(0))
+        j = p % n_tiles
+        h = (p // n_tiles) % H
+        z = p // n_tiles // H
+    else:
+        j = tl.program_id(0)
+        z = tl.program_id(1)
+        h = tl.program_id(2)
+        n_tiles = tl.num_programs(0)
+    return z, h, n_tiles - 1 - j
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
                 s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_o_t, s_o_h,
                 s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                 sm_scale2, max_units, H, GROUP,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-                KD, VD):
-    pid = tl.program_id(0)
-    z = tl.program_id(1)
-    h = tl.program_id(2)
+                KD, VD, ORDER, n_tiles, ORDERED: tl.constexpr):
+    z, h, mt = _query_program(ORDER, n_tiles, H, ORDERED)
     qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
     lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
     ks = tl.load(CU_K + z).to(tl.int64)
     lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
-    mt = tl.num_programs(0) - 1 - pid  # heaviest (last) query tiles first
     i0 = mt * BM
     if i0 < lq:
         hk = h // GROUP
@@ -388,15 +405,12 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
                sm_scale, sm_scale2, max_units, H, GROUP,
                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-               KD, VD):
-    pid = tl.program_id(0)
-    z = tl.program_id(1)
-    h = tl.program_id(2)
+               KD, VD, ORDER, n_tiles, ORDERED: tl.constexpr):
+    z, h, mt = _query_program(ORDER, n_tiles, H, ORDERED)
     qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
     lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
     ks = tl.load(CU_K + z).to(tl.int64)
     lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
-    mt = tl.num_programs(0) - 1 - pid
     i0 = mt * BM
     if i0 < lq:
         hk = h // GROUP
@@ -486,10 +500,18 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
                  s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                  sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
-    pid = tl.program_id(0)
-    z = tl.program_id(1)
-    hk = tl.program_id(2)
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD,
+                 ORDER, n_tiles, ORDERED: tl.constexpr):
+    if ORDERED:
+        # work-ordered launch (see _Plan.order): ORDER[pid] = (z * Hkv + hk) * n_tiles + key tile
+        p = tl.load(ORDER + tl.program_id(0))
+        pid = p % n_tiles
+        hk = (p // n_tiles) % (H // GROUP)
+        z = p // n_tiles // (H // GROUP)
+    else:
+        pid = tl.program_id(0)
+        z = tl.program_id(1)
+        hk = tl.program_id(2)
     qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
     lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
     ks = tl.load(CU_K + z).to(tl.int64)
@@ -664,6 +686,47 @@ class _Plan:
             self._ends = torch.searchsorted(seq, ku, right=True, out_int32=True)
         return self._ends
 
+    def order(self, side: str, block: int, group: int = 1):
+        """Launch order of the ACP kernels' programs, most work first (None: plain grid order).
+
+        Under ACP, program work varies across heads by orders of magnitude (a slowly forgetting head
+        keeps whole rows of key tiles, a fast one a band near the diagonal), and the plain grid runs the
+        heads one after another, so a late heavy head leaves a tail of long programs. Programs are
+        sorted into buckets of ``floor(log2(work))``, largest first: within a bucket they keep the grid
+        order, so the programs running together mostly belong to one head and share its K/V (or Q/dO)
+        in L2 (launching heads interleaved cost up to +30%, module docstring). ``side`` ``"q"``: the
+        forward and dq kernels (query tiles of ``block`` rows, work = key rows kept); ``"k"``: the dkdv
+        kernel (key tiles, work = query rows kept, summed over the ``group`` query heads of a kv head).
+        Returns int32 ``[docs * heads * tiles]`` flat program indices (see the kernels' decoding).
+        ``FOXKERNELS_LPT=0`` turns it off.
+        """
+        if self.bound is None or os.environ.get("FOXKERNELS_LPT", "1") == "0":
+            return None
+        cache = self.__dict__.setdefault("_orders", {})
+        key = (side, block, group)
+        if key not in cache:
+            dev, t = self.bound.device, self.tile
+            lq = (self.cu_q[1:] - self.cu_q[:-1]).long()
+            lk = (self.cu_k[1:] - self.cu_k[:-1]).long()
+            if side == "q":
+                n_tiles = triton.cdiv(self.max_q, block)
+                i0 = (n_tiles - 1 - torch.arange(n_tiles, device=dev)) * block  # flat index j -> tile
+                lo = self.bound.long()[:, i0 // t, :].permute(0, 2, 1) * t  # [docs, H, tiles]
+                hi = torch.minimum(i0 + block, lk[:, None]) if self.causal else lk[:, None]
+                valid = i0[None, :] < lq[:, None]
+                work = (hi[:, None, :] - lo).clamp(min=0) * valid[:, None, :]
+            else:
+                n_tiles = triton.cdiv(self.max_k, block)
+                n0 = torch.arange(n_tiles, device=dev) * block
+                end = torch.minimum(self.dkdv_ends().long()[:, :, n0 // t] * t, lq[:, None, None])
+                start = n0 if self.causal else 0
+                valid = n0[None, :] < lk[:, None]
+                work = (end - start).clamp(min=0) * valid[:, None, :]
+                work = work.view(self.n_docs, self.h // group, group, n_tiles).sum(2)
+            bucket = torch.where(work > 0, torch.log2(work.clamp(min=1).float()).floor(), -1.0)
+            cache[key] = torch.argsort(bucket.flatten(), descending=True, stable=True).to(torch.int32)
+        return cache[key]
+
     def valid_units(self):
         """``[n_docs, max_units, 1]`` bool: query units inside their document (the rows of ``bound`` past
         a shorter document's end are never written), or None when every document has ``max_units``."""
@@ -749,6 +812,10 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
     if bound is None:
         bound = lse  # dummy pointer when ACP is off
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
+    order = plan.order("q", bm)
+    n_tiles = grid[0]
+    if order is not None:
+        grid = (order.numel(),)
     tma, (kd, vd) = _tma_operands("fwd", bn, k, v)
     _fwd_kernel[grid](
         q, k, v, plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound, plan.cu_q, plan.cu_k,
@@ -757,7 +824,8 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E, plan.max_units, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, ORDER=order if order is not None else bound, n_tiles=n_tiles,
+        ORDERED=order is not None, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -794,22 +862,28 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
     common = (*strides, plan.max_units, h, h // hkv)
     bm, bn, warps, stages = cfg["dq"]
     tma, (kd, vd) = _tma_operands("dq", bn, k, v)
-    _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
+    n_tiles = triton.cdiv(plan.max_q, bm)
+    order = plan.order("q", bm)
+    _dq_kernel[(order.numel(),) if order is not None else (n_tiles, plan.n_docs, h)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, ORDER=order if order is not None else dq_bound, n_tiles=n_tiles,
+        ORDERED=order is not None, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
-    _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
+    n_tiles = triton.cdiv(plan.max_k, bn)
+    order = plan.order("k", bn, h // hkv)
+    _dkdv_kernel[(order.numel(),) if order is not None else (n_tiles, plan.n_docs, hkv)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
+        TMA=tma, QD=qd, DOD=dod, ORDER=order if order is not None else ends, n_tiles=n_tiles,
+        ORDERED=order is not None, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
@@ -917,6 +991,48 @@ def _tile_prefix(g_flat: torch.Tensor, tstart: torch.Tensor):
     return cl.t(), base.t()  # logical [N, H], head-major storage
 
 
+def _tiles_view(x: torch.Tensor, b: int, t: int, tile: int) -> torch.Tensor:
+    """``[N, H]`` (N = B * T) -> fp64 ``[H, B, T/tile, tile]``, the last tile zero-padded.
+
+    In a plain ``[B, T]`` batch the prefix-sum tiles form a regular grid, so scans can run along rows
+    of ``tile`` elements: thousands of short rows scan in parallel, where a scan along whole ``[H, N]``
+    rows gets one thread block per row (H rows: 0.1 ms at T=32k, H=16 on the H100, for 4 MB)."""
+    h = x.shape[1]
+    nt = -(-t // tile)
+    xh = x.t().reshape(h, b, t).double()
+    if nt * tile != t:
+        xh = torch.nn.functional.pad(xh, (0, nt * tile - t))
+    return xh.reshape(h, b, nt, tile)
+
+
+def _tile_prefix_uniform(g_flat: torch.Tensor, b: int, t: int, tile: int):
+    """:func:`_tile_prefix` for ``B`` documents of ``T`` tokens laid end to end (no ``cu_seqlens``):
+    the same ``cl`` (fp32, tile-local) and ``base`` (fp64, the sum of the document's earlier tiles),
+    from per-tile scans."""
+    h = g_flat.shape[1]
+    loc = _tiles_view(g_flat, b, t, tile).cumsum(-1)  # [H, B, nt, tile]
+    tot = loc[..., -1]
+    base_tile = tot.cumsum(-1) - tot  # exclusive: earlier tiles of the same document
+    n_pad = loc.shape[2] * tile
+    cl = loc.float().reshape(h, b, n_pad)[:, :, :t].reshape(h, b * t).contiguous()
+    base = base_tile[..., None].expand(h, b, loc.shape[2], tile).reshape(h, b, n_pad)[:, :, :t]
+    return cl.t(), base.reshape(h, b * t).contiguous().t()  # logical [N, H], head-major storage
+
+
+def _reverse_doc_sum_uniform(dc: torch.Tensor, b: int, t: int, tile: int) -> torch.Tensor:
+    """``out_u = sum_{t >= u, same document} dc_t`` (fp64, ``[H, N]``) for ``B`` documents of ``T``
+    tokens, by per-tile scans plus a suffix sum over the tile totals (see :func:`_tiles_view`)."""
+    h = dc.shape[1]
+    x = _tiles_view(dc, b, t, tile)
+    pre = x.cumsum(-1)
+    tot = pre[..., -1:]
+    local = tot - pre + x  # sum of the tile from u on
+    tt = tot[..., 0]
+    later = tt.sum(-1, keepdim=True) - tt.cumsum(-1)  # totals of the document's later tiles
+    out = local + later[..., None]
+    return out.reshape(h, b, -1)[:, :, :t].reshape(h, b * t)
+
+
 class _FoxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, cu, delta, stats, tile, uniform):
@@ -929,13 +1045,16 @@ class _FoxAttention(torch.autograd.Function):
         gf = g.reshape(n, h)
         tabs = _doc_layout(b, t, None if uniform is not None else cu, h, tile, q.device)
         cu_d, lens = tabs.cu_d, tabs.lens
-        cl, base = _tile_prefix(gf, tabs.tstart)
+        if uniform is not None:
+            cl, base = _tile_prefix_uniform(gf, b, t, tile)
+        else:
+            cl, base = _tile_prefix(gf, tabs.tstart)
         plan = _Plan(cu_d, cu_d, lens, lens, cl, cl, base, base, delta, True, tile, h, tabs)
         plan.count(stats)
         o, lse = _run_fwd(qf, kf, vf, plan, scale, q.dtype)
         ctx.save_for_backward(qf, kf, vf, o, lse)
         ctx.plan = plan
-        ctx.cfg = (scale, b, t, g.dtype)
+        ctx.cfg = (scale, b, t, g.dtype, tile, uniform is not None)
         ctx.mark_non_differentiable(lse)
         return o.view(b, t, h, d), lse.view(b, t, h)
 
@@ -943,19 +1062,21 @@ class _FoxAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         qf, kf, vf, o, lse = ctx.saved_tensors
         plan = ctx.plan
-        scale, b, t, gdtype = ctx.cfg
+        scale, b, t, gdtype, tile, uniform = ctx.cfg
         n, h, d = qf.shape
         dof = do.reshape(n, h, d).contiguous()
         delta, lse2 = _bwd_pre(o, dof, lse)
         dq, dk, dv, dc = _run_bwd(dof, qf, kf, vf, plan, scale, lse2, delta, qf.dtype)
         # g_u enters every c_t with t >= u of its document: dg_u = sum_{t >= u, same doc} dc_t
-        rc = dc.t().double().flip(-1).cumsum(-1).flip(-1)  # [H, N], fp64
-        ends = plan.tabs.ends
-        if ends is None:  # one document: its end is n for every token, where the padded rc is 0 (x - 0 = x)
-            dg = rc.to(gdtype).t()
+        if uniform:
+            rc = _reverse_doc_sum_uniform(dc, b, t, tile)  # [H, N], fp64
         else:
-            rc = torch.cat([rc, rc.new_zeros(h, 1)], 1)
-            dg = (rc[:, :-1] - rc.index_select(1, ends)).to(gdtype).t()
+            rc = dc.t().double().flip(-1).cumsum(-1).flip(-1)  # [H, N], fp64, over the whole row
+            ends = plan.tabs.ends
+            if ends is not None:  # several documents: subtract what lies past each token's document end
+                rc = torch.cat([rc, rc.new_zeros(h, 1)], 1)
+                rc = rc[:, :-1] - rc.index_select(1, ends)
+        dg = rc.to(gdtype).t()
         hkv = kf.shape[1]
         return (dq.view(b, t, h, d), dk.view(b, t, hkv, d), dv.view(b, t, hkv, d), dg.reshape(b, t, h),
                 None, None, None, None, None, None)
