@@ -102,56 +102,6 @@ def test_tma_and_pointer_loads_agree(monkeypatch, tma):
     _check_all(got, _naive64(q, k, v, g, do, cu=cu), 1e-4)
 
 
-def test_work_ordered_launch_matches_grid_order(monkeypatch):
-    """ACP calls launch programs sorted by kept work (_Plan.order); each program computes exactly what it
-    computes in grid order, so results are bitwise equal and the order is a permutation of all programs
-    (NaN-poisoned outputs: a program that never runs leaves NaNs). Varlen (an empty and a one-token
-    document), GQA, heads from fast to slow forgetting; and the non-causal block primitive."""
-    from foxkernels import attention as ka
-    orders = []
-    real_order = ka._Plan.order
-
-    def spy(self, side, block, group=1):
-        out = real_order(self, side, block, group)
-        if out is not None:
-            orders.append((self, side, block, group, out))
-        return out
-    monkeypatch.setattr(ka._Plan, "order", spy)
-    cu = torch.tensor([0, 150, 150, 151, 301], dtype=torch.int32)
-    q, k, v, g, do = _inputs(1, 301, 4, 2, 16, torch.float32, seed=11)
-    g = torch.nn.functional.logsigmoid(torch.randn(1, 301, 4) + torch.tensor([-2.0, 0.0, 2.0, 6.0]))
-    delta = acp_threshold(EPS, qk_bound(q, k, 16 ** -0.5), 301)
-    outs = {}
-    for lpt in ("0", "1"):
-        monkeypatch.setenv("FOXKERNELS_LPT", lpt)
-        stats = AcpStats()
-        outs[lpt] = _grads(lambda *x: foxkernels.forgetting_attention(
-            *x, cu_seqlens=cu, acp_delta=delta, stats=stats, return_lse=True, tile=32), q, k, v, g, do)
-        assert 0 < stats.tiles_pruned < stats.tiles_total
-    for a, b in zip([outs["0"][0], outs["0"][1], *outs["0"][2]], [outs["1"][0], outs["1"][1], *outs["1"][2]]):
-        assert torch.equal(a, b)
-    _check_all(outs["1"], _naive64(q, k, v, g, do, cu=cu), 2e-5)
-    assert {o[1] for o in orders} == {"q", "k"}
-    for plan, side, block, group, order in orders:
-        n = order.numel()
-        assert torch.equal(order.long().sort().values, torch.arange(n))
-        assert n == plan.n_docs * (plan.h // group) * -(-(plan.max_q if side == "q" else plan.max_k) // block)
-    # block primitive, full (off-diagonal) tile with ACP
-    b, h, hkv, d, tile = 2, 2, 1, 16, 32
-    q, k, v, cq, ck, offset, do = _block_inputs(b, 96, 131, h, hkv, d, False, seed=12, gate_bias=-1.0)
-    delta = acp_threshold(EPS, qk_bound(q, k, d ** -0.5), 227)
-    res = {}
-    for lpt in ("0", "1"):
-        monkeypatch.setenv("FOXKERNELS_LPT", lpt)
-        o, lse = foxkernels.block_attention_fwd(q, k, v, cq, ck, offset, scale=d ** -0.5, causal=False,
-                                                acp_delta=delta, tile=tile)
-        grads = foxkernels.block_attention_bwd(do, q, k, v, cq, ck, offset, lse, (do * o).sum(-1),
-                                               scale=d ** -0.5, causal=False, acp_delta=delta, tile=tile)
-        res[lpt] = [o, lse, *grads]
-    for a, b in zip(res["0"], res["1"]):
-        assert torch.equal(a, b)
-
-
 def test_batch_and_scale():
     q, k, v, g, do = _inputs(2, 150, 2, 1, 32, torch.float32, seed=1)
     got = _grads(lambda *x: foxkernels.forgetting_attention(*x, scale=0.3, return_lse=True, tile=32), q, k, v, g, do)

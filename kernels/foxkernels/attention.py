@@ -272,38 +272,21 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m,
 
 
 @triton.jit
-def _query_program(ORDER, n_tiles, H, ORDERED: tl.constexpr):
-    """(document, head, query tile) of this program of the forward or dq kernel.
-
-    Plain launch: grid ``(tiles, docs, H)``, the last (heaviest, causal) query tiles first. Ordered
-    launch (ACP, see :meth:`_Plan.order`): a 1-D grid over ``ORDER[pid] = (z * H + h) * n_tiles + j``
-    with query tile ``n_tiles - 1 - j``."""
-    if ORDERED:
-        p = tl.load(ORDER + tl.program_id(0))
-        j = p % n_tiles
-        h = (p // n_tiles) % H
-        z = p // n_tiles // H
-    else:
-        j = tl.program_id(0)
-        z = tl.program_id(1)
-        h = tl.program_id(2)
-        n_tiles = tl.num_programs(0)
-    return z, h, n_tiles - 1 - j
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
                 s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_o_t, s_o_h,
                 s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                 sm_scale2, max_units, H, GROUP,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-                KD, VD, ORDER, n_tiles, ORDERED: tl.constexpr):
-    z, h, mt = _query_program(ORDER, n_tiles, H, ORDERED)
+                KD, VD):
+    pid = tl.program_id(0)
+    z = tl.program_id(1)
+    h = tl.program_id(2)
     qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
     lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
     ks = tl.load(CU_K + z).to(tl.int64)
     lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
+    mt = tl.num_programs(0) - 1 - pid  # heaviest (last) query tiles first
     i0 = mt * BM
     if i0 < lq:
         hk = h // GROUP
@@ -405,12 +388,15 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
                sm_scale, sm_scale2, max_units, H, GROUP,
                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-               KD, VD, ORDER, n_tiles, ORDERED: tl.constexpr):
-    z, h, mt = _query_program(ORDER, n_tiles, H, ORDERED)
+               KD, VD):
+    pid = tl.program_id(0)
+    z = tl.program_id(1)
+    h = tl.program_id(2)
     qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
     lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
     ks = tl.load(CU_K + z).to(tl.int64)
     lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
+    mt = tl.num_programs(0) - 1 - pid
     i0 = mt * BM
     if i0 < lq:
         hk = h // GROUP
@@ -500,18 +486,10 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
                  s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                  sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD,
-                 ORDER, n_tiles, ORDERED: tl.constexpr):
-    if ORDERED:
-        # work-ordered launch (see _Plan.order): ORDER[pid] = (z * Hkv + hk) * n_tiles + key tile
-        p = tl.load(ORDER + tl.program_id(0))
-        pid = p % n_tiles
-        hk = (p // n_tiles) % (H // GROUP)
-        z = p // n_tiles // (H // GROUP)
-    else:
-        pid = tl.program_id(0)
-        z = tl.program_id(1)
-        hk = tl.program_id(2)
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
+    pid = tl.program_id(0)
+    z = tl.program_id(1)
+    hk = tl.program_id(2)
     qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
     lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
     ks = tl.load(CU_K + z).to(tl.int64)
@@ -686,47 +664,6 @@ class _Plan:
             self._ends = torch.searchsorted(seq, ku, right=True, out_int32=True)
         return self._ends
 
-    def order(self, side: str, block: int, group: int = 1):
-        """Launch order of the ACP kernels' programs, most work first (None: plain grid order).
-
-        Under ACP, program work varies across heads by orders of magnitude (a slowly forgetting head
-        keeps whole rows of key tiles, a fast one a band near the diagonal), and the plain grid runs the
-        heads one after another, so a late heavy head leaves a tail of long programs. Programs are
-        sorted into buckets of ``floor(log2(work))``, largest first: within a bucket they keep the grid
-        order, so the programs running together mostly belong to one head and share its K/V (or Q/dO)
-        in L2 (launching heads interleaved cost up to +30%, module docstring). ``side`` ``"q"``: the
-        forward and dq kernels (query tiles of ``block`` rows, work = key rows kept); ``"k"``: the dkdv
-        kernel (key tiles, work = query rows kept, summed over the ``group`` query heads of a kv head).
-        Returns int32 ``[docs * heads * tiles]`` flat program indices (see the kernels' decoding).
-        ``FOXKERNELS_LPT=0`` turns it off.
-        """
-        if self.bound is None or os.environ.get("FOXKERNELS_LPT", "1") == "0":
-            return None
-        cache = self.__dict__.setdefault("_orders", {})
-        key = (side, block, group)
-        if key not in cache:
-            dev, t = self.bound.device, self.tile
-            lq = (self.cu_q[1:] - self.cu_q[:-1]).long()
-            lk = (self.cu_k[1:] - self.cu_k[:-1]).long()
-            if side == "q":
-                n_tiles = triton.cdiv(self.max_q, block)
-                i0 = (n_tiles - 1 - torch.arange(n_tiles, device=dev)) * block  # flat index j -> tile
-                lo = self.bound.long()[:, i0 // t, :].permute(0, 2, 1) * t  # [docs, H, tiles]
-                hi = torch.minimum(i0 + block, lk[:, None]) if self.causal else lk[:, None]
-                valid = i0[None, :] < lq[:, None]
-                work = (hi[:, None, :] - lo).clamp(min=0) * valid[:, None, :]
-            else:
-                n_tiles = triton.cdiv(self.max_k, block)
-                n0 = torch.arange(n_tiles, device=dev) * block
-                end = torch.minimum(self.dkdv_ends().long()[:, :, n0 // t] * t, lq[:, None, None])
-                start = n0 if self.causal else 0
-                valid = n0[None, :] < lk[:, None]
-                work = (end - start).clamp(min=0) * valid[:, None, :]
-                work = work.view(self.n_docs, self.h // group, group, n_tiles).sum(2)
-            bucket = torch.where(work > 0, torch.log2(work.clamp(min=1).float()).floor(), -1.0)
-            cache[key] = torch.argsort(bucket.flatten(), descending=True, stable=True).to(torch.int32)
-        return cache[key]
-
     def valid_units(self):
         """``[n_docs, max_units, 1]`` bool: query units inside their document (the rows of ``bound`` past
         a shorter document's end are never written), or None when every document has ``max_units``."""
@@ -812,10 +749,6 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
     if bound is None:
         bound = lse  # dummy pointer when ACP is off
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
-    order = plan.order("q", bm)
-    n_tiles = grid[0]
-    if order is not None:
-        grid = (order.numel(),)
     tma, (kd, vd) = _tma_operands("fwd", bn, k, v)
     _fwd_kernel[grid](
         q, k, v, plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound, plan.cu_q, plan.cu_k,
@@ -824,8 +757,7 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E, plan.max_units, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, ORDER=order if order is not None else bound, n_tiles=n_tiles,
-        ORDERED=order is not None, num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -862,28 +794,22 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
     common = (*strides, plan.max_units, h, h // hkv)
     bm, bn, warps, stages = cfg["dq"]
     tma, (kd, vd) = _tma_operands("dq", bn, k, v)
-    n_tiles = triton.cdiv(plan.max_q, bm)
-    order = plan.order("q", bm)
-    _dq_kernel[(order.numel(),) if order is not None else (n_tiles, plan.n_docs, h)](
+    _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, ORDER=order if order is not None else dq_bound, n_tiles=n_tiles,
-        ORDERED=order is not None, num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
-    n_tiles = triton.cdiv(plan.max_k, bn)
-    order = plan.order("k", bn, h // hkv)
-    _dkdv_kernel[(order.numel(),) if order is not None else (n_tiles, plan.n_docs, hkv)](
+    _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
         q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-        TMA=tma, QD=qd, DOD=dod, ORDER=order if order is not None else ends, n_tiles=n_tiles,
-        ORDERED=order is not None, num_warps=warps, num_stages=stages)
+        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
