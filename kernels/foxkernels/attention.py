@@ -98,8 +98,8 @@ ms dense (same run).
   (``bench/results/attention-h100-2026-11-23-ab-dkdv-split.json``, fwd+bwd): dense 10.66 -> 10.57 /
   44.31 -> 41.92 / 177.9 -> 168.1 ms at T16k D64 / T32k D128 / T64k D128; ACP on mixed gates 4.76 ->
   4.61 / 15.48 -> 15.00 / 45.04 -> 44.77 ms. The dkdv kernel alone (profile, T32k D128 dense) 21.6 ->
-  19.4 ms; under ACP it stays at 6.8 ms: the light heads' short programs pay the per-program cost twice
-  as often, which eats what the heavy heads gain. Splitting the key units between two launches by the
+  19.4 ms; under ACP it stayed at 6.8 ms (not a per-program cost, as first thought: see "Loop form").
+  Splitting the key units between two launches by the
   query rows that keep them (64-key tiles for long units, 128 for short) was measured in the same run
   at thresholds 1k / 4k / 16k rows and was never better than 64-key tiles everywhere, so it was not
   kept. Earlier, before the diagonal split, 8-warp D64 variants were slower (11.66 and 12.72 ms
@@ -108,6 +108,22 @@ ms dense (same run).
   ``(16, 128, 8, 4)`` +13 to +18%, ``(32, 128, 8, 4)`` -1 to +3%; dq ``(64, 32, 4, 3)`` or
   ``(64, 64, 4, 3)`` (two CTAs per SM) +4 to +9%.
 
+* **Loop form.** Every tile loop has two forms, chosen by the constexpr ``TRIPS`` (= the table path,
+  ``USE_ACP``): ``for it in range(0, n_trips)`` with offset ``lo + it * step`` where the loop bounds come
+  from the ACP table, ``for i0 in range(lo, hi, step)`` otherwise. Found on the H200
+  (``bench/results/attention-h200-2026-12-04-*.json``): per-kernel time against loop trips on documents of
+  256-32k tokens fits ``a + b * trips`` with small per-program costs (dkdv: 34 ns of kernel time per program),
+  and the forward and dq kernels under ACP ran at their dense cost per trip, but the dkdv kernel ran 8-11%
+  above it; with the ACP path and nothing pruned it was still 10% slower than its dense path on identical
+  work (T32k: 19.7 against 17.8 ms), so the cause was code, not pruning or launch order. Compiled offline
+  (sm_90a, triton 3.6), its main loop had 370 instead of 348 instructions: with a loop bound derived from a
+  loaded table value, LLVM recomputed the query-row address offsets with multiplies every trip instead of
+  strength-reducing them. Counting trips from 0 gives the ACP main loop the dense loop's 349 instructions,
+  the causal-diagonal loop 524 instead of 616, and the dq loop 405 instead of 430 (its masked loop 643
+  instead of 698). Same-run A/B, fwd+bwd (``...-ab-loop-form.json``): ACP on mixed gates -3.1 / -1.5 /
+  -1.8% at T16k D64 / T32k D128 / T64k D128, on near-1 gates -1.9 / -2.0 / -1.8%; dense (which then also
+  counted trips everywhere) +3.3% at T16k D64 and +-0.2% at D128, so the paths without a table keep the
+  range loop (their code is the old code, instruction for instruction).
 * **Registers.** Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
   64-bit offsets per element, cut ptxas's spill stores (Triton 3.8 here, compiled without the JIT's
   argument specialisation) from 1952 to 1184 bytes (dkdv, D64; 2712 to 1200 with ACP), 932 to 336
@@ -124,6 +140,16 @@ ms dense (same run).
   dense and ACP (same-run A/B, ``bench/results/attention-h100-2026-11-23-ab-session3.json``, "tma").
   In the dq kernel TMA was neutral to +2%, in the dkdv kernel (Q and dO tiles) +6 to +11%, so they keep
   pointer loads.
+* **Glue.** Plain ``[B, T]`` batches scan the tile-local prefix sums and ``dg``'s reverse sums along rows
+  of ``TILE`` tokens (:func:`_tile_prefix_uniform`): a scan along whole ``[H, N]`` rows got one thread
+  block per row. PyTorch kernels per fwd+bwd at T32k: 0.27 -> 0.07 ms (H100 profile before, H200 after).
+* **Tried and rejected on the H200** (same-run A/Bs, ``bench/results/attention-h200-2026-12-04-ab-*.json``):
+  launching the ACP kernels' programs sorted by kept work (buckets of ``log2`` of the rows or keys a
+  program keeps, largest first, grid order within a bucket so one head's programs still run together):
+  +2.4 / +1.4 / -0.3% on mixed gates; the tail it targets was ~2% in a scheduling simulation and the
+  sort costs ~0.05 ms. D128 tile shapes again: forward on 4 warps with 64-row tiles (two CTAs per SM)
+  +2 to +8%, forward 128x128 +1 to +2%, dkdv with 2 stages +1 to +6%, with 4 stages -1 to +1%, dq with 4
+  stages +-0.4%.
 * **Tried and rejected** (same file): launching heads fastest (grid ``(H, docs, tiles)``) so that every
   head's heaviest tiles start first: up to +30% forward time with ACP, because the programs of one head
   running together share its K/V in L2. Launching heads in order of ACP-kept work: -5.5% / +2.9% / +0.2%
@@ -133,15 +159,18 @@ ms dense (same run).
   ACP on mixed gates 3.6 / 3.9 / 6.8 ms with 68% of units pruned, so ACP time scales with the kept work
   (dkdv a little better than that, the forward 3% worse at 64k); what remains is kernel speed.
 
-Where this stands (H100, bf16, B = 1, fwd+bwd ms; ``bench/results/attention-h100-2026-11-23-dkdv64.json``):
-T16k H24 D64 / T32k H16 D128 / T64k H16 D128. Ours dense: 10.6 / 42.0 / 168. SDPA flash backend, same
-run: 10.2 / 47.4 / 193 (ratio 1.04 / 0.88 / 0.87). SDPA's default choice (cuDNN): 6.9 / 29.6 / 113
-(ratio 1.54 / 1.42 / 1.48). FLA 0.6.0, same run: 21.3 / 73.8 / 291. Ours with ACP on mixed gates:
-4.6 / 14.9 / 44.7, against the official kernel's 7.3 / 18.1 / 54.2 (ratio 0.63 / 0.83 / 0.82; single
-ACP-mixed cells move by +-5% between runs and random draws: 0.82-0.83 at 32k and 64k in this run and the
-two A/B files above, so the 0.8 target is still missed by a few percent at 32k and 64k). Profile of that run (T64k, ms per
-fwd+bwd): dense fwd 44.0 / dq 48.1 / dkdv 76.1; ACP on mixed gates 10.6 / 12.0 / 20.0 with 76% of
-units pruned. The gap to cuDNN is the kernel's matmul efficiency (no warp specialisation), not the decay:
+Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
+lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100
+runs within 1-3%). Full run at the previous commit (``bench/results/attention-h200-2026-12-04.json``):
+ours dense 10.5 / 41.5 / 165; SDPA flash backend, same run, 10.3 / 47.4 / 190 (ratio 1.02 / 0.87 / 0.87);
+SDPA's default (cuDNN) 6.8 / 29.0 / 113 (ratio 1.53 / 1.43 / 1.45); FLA 0.6.0 21.4 / 74.0 / 294; ACP on
+near-1 gates +2.4 / +2.0 / +2.9% against dense on the same gates; ACP on mixed gates 4.58 / 14.71 / 43.64.
+The loop-form change then took ACP on mixed gates to 4.43 / 14.30 / 42.45 in the same-run A/B (its "old"
+cells: 4.57 / 14.52 / 43.24), which against the official kernel's ACP times (7.33 / 18.10 / 54.18, H100,
+from the issue) is 0.60 / 0.79 / 0.78: inside the 0.8 target at 32k and 64k by 1-2%, about the size of the
+run-to-run spread. Profile (T64k, H200, previous commit, ms per fwd+bwd): dense fwd 43.3 / dq 48.7 / dkdv
+76.5; ACP on mixed gates 10.7 / 12.0 / 20.0 with 76% of units pruned. The gap to cuDNN is the kernel's
+matmul efficiency (no warp specialisation), not the decay:
 without any decay term the same kernel was only 8-15% faster.
 """
 
@@ -233,41 +262,61 @@ def _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
 
 
 @triton.jit
+def _fwd_step(acc, l_i, m_i, j0, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d, s_k_t, s_k_h,
+              s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2, BN: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
+    """One trip of :func:`_fwd_tile` at row/column j0."""
+    kn = j0 + offs_n
+    if TMA and not MASKED:
+        # whole key tiles through the tensor-memory accelerator (descriptors over [N, Hkv*D])
+        kT = tl.trans(KD.load([ks.to(tl.int32) + j0, hk * D]))
+        vv = VD.load([ks.to(tl.int32) + j0, hk * D])
+    elif MASKED:
+        kmask = kn < lk
+        kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None],
+                     mask=kmask[None, :], other=0.0)
+        vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :],
+                     mask=kmask[:, None], other=0.0)
+    else:
+        kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
+        vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :])
+    # column term (log2 units): decay_ij = cq_i - colb_j; the row term cq_i is constant along the
+    # whole row, so it is left out of the softmax and added to the lse at the end
+    colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
+    qk = tl.dot(q, kT)
+    s = qk * sm_scale2 - colb[None, :]
+    if MASKED:
+        ok = kn[None, :] < lk
+        if CAUSAL:
+            ok = ok & (kn[None, :] <= offs_m[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+    m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
               s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
               BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr,
-              TMA: tl.constexpr, D: tl.constexpr):
-    for j0 in range(lo, hi, BN):
-        kn = j0 + offs_n
-        if TMA and not MASKED:
-            # whole key tiles through the tensor-memory accelerator (descriptors over [N, Hkv*D])
-            kT = tl.trans(KD.load([ks.to(tl.int32) + j0, hk * D]))
-            vv = VD.load([ks.to(tl.int32) + j0, hk * D])
-        elif MASKED:
-            kmask = kn < lk
-            kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None],
-                         mask=kmask[None, :], other=0.0)
-            vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :],
-                         mask=kmask[:, None], other=0.0)
-        else:
-            kT = tl.load(K + (ks + kn)[None, :] * s_k_t + hk * s_k_h + offs_d[:, None])
-            vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :])
-        # column term (log2 units): decay_ij = cq_i - colb_j; the row term cq_i is constant along the
-        # whole row, so it is left out of the softmax and added to the lse at the end
-        colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
-        qk = tl.dot(q, kT)
-        s = qk * sm_scale2 - colb[None, :]
-        if MASKED:
-            ok = kn[None, :] < lk
-            if CAUSAL:
-                ok = ok & (kn[None, :] <= offs_m[:, None])
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-        m_i = m_new
+              TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr):
+    # TRIPS (the ACP table path, whose loop bounds are loaded): count trips from 0. With a loaded
+    # bound LLVM did not strength-reduce the row/column addresses of a range(lo, hi, step) loop
+    # (module docstring, "Loop form").
+    if TRIPS:
+        for it in range(0, (hi - lo + BN - 1) // BN):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, lo + it * BN, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h,
+                                      offs_m, offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t,
+                                      s_bk_h, sm_scale2, BN, MASKED, CAUSAL, DMODE, TMA, D)
+    else:
+        for j0 in range(lo, hi, BN):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, j0, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n,
+                                      offs_d, s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2,
+                                      BN, MASKED, CAUSAL, DMODE, TMA, D)
     return acc, l_i, m_i
 
 
@@ -313,11 +362,11 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full,
-                                  sm_scale2, BN, False, CAUSAL, DMODE, TMA, D)
+                                  sm_scale2, BN, False, CAUSAL, DMODE, TMA, D, USE_ACP)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
-                                  tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL, DMODE, TMA, D)
+                                  tl.maximum(hi_full, lo), hi, sm_scale2, BN, True, CAUSAL, DMODE, TMA, D, USE_ACP)
         has = l_i > 0.0
         l_safe = tl.where(has, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -348,36 +397,56 @@ def _bwd_pre_kernel(O, DO, LSE, DELTA, LSE2, N, s_o_t, s_o_h, s_do_t, s_do_h, s_
 
 
 @triton.jit
+def _dq_step(dq, j0, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d, s_k_t,
+             s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2, BN: tl.constexpr, MASKED: tl.constexpr,
+             CAUSAL: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
+    """One trip of :func:`_dq_tile` at row/column j0."""
+    kn = j0 + offs_n
+    if TMA and not MASKED:
+        kT = tl.trans(KD.load([ks.to(tl.int32) + j0, hk * D]))
+        vT = tl.trans(VD.load([ks.to(tl.int32) + j0, hk * D]))
+    elif MASKED:
+        kmask = kn < lk
+        kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None],
+                     mask=kmask[None, :], other=0.0)
+        vT = tl.load(V + kn[None, :] * s_v_t + offs_d[:, None],
+                     mask=kmask[None, :], other=0.0)
+    else:
+        kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None])
+        vT = tl.load(V + kn[None, :] * s_v_t + offs_d[:, None])
+    colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
+    qk = tl.dot(q, kT)
+    s = qk * sm_scale2 - colb[None, :]
+    if MASKED:
+        ok = kn[None, :] < lk
+        if CAUSAL:
+            ok = ok & (kn[None, :] <= offs_m[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    p = tl.exp2(s - lse2r[:, None])
+    dp = tl.dot(do, vT)
+    ds = p * (dp - di[:, None])
+    dq = dq + tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    return dq
+
+
+@triton.jit
 def _dq_tile(dq, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
              s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
              BN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr,
-             TMA: tl.constexpr, D: tl.constexpr):
-    for j0 in range(lo, hi, BN):
-        kn = j0 + offs_n
-        if TMA and not MASKED:
-            kT = tl.trans(KD.load([ks.to(tl.int32) + j0, hk * D]))
-            vT = tl.trans(VD.load([ks.to(tl.int32) + j0, hk * D]))
-        elif MASKED:
-            kmask = kn < lk
-            kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None],
-                         mask=kmask[None, :], other=0.0)
-            vT = tl.load(V + kn[None, :] * s_v_t + offs_d[:, None],
-                         mask=kmask[None, :], other=0.0)
-        else:
-            kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None])
-            vT = tl.load(V + kn[None, :] * s_v_t + offs_d[:, None])
-        colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
-        qk = tl.dot(q, kT)
-        s = qk * sm_scale2 - colb[None, :]
-        if MASKED:
-            ok = kn[None, :] < lk
-            if CAUSAL:
-                ok = ok & (kn[None, :] <= offs_m[:, None])
-            s = tl.where(ok, s, float("-inf"))
-        p = tl.exp2(s - lse2r[:, None])
-        dp = tl.dot(do, vT)
-        ds = p * (dp - di[:, None])
-        dq = dq + tl.dot(ds.to(kT.dtype), tl.trans(kT))
+             TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr):
+    # TRIPS (the ACP table path, whose loop bounds are loaded): count trips from 0. With a loaded
+    # bound LLVM did not strength-reduce the row/column addresses of a range(lo, hi, step) loop
+    # (module docstring, "Loop form").
+    if TRIPS:
+        for it in range(0, (hi - lo + BN - 1) // BN):
+            dq = _dq_step(dq, lo + it * BN, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m,
+                          offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2, BN,
+                          MASKED, CAUSAL, DMODE, TMA, D)
+    else:
+        for j0 in range(lo, hi, BN):
+            dq = _dq_step(dq, j0, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+                          s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2, BN, MASKED, CAUSAL,
+                          DMODE, TMA, D)
     return dq
 
 
@@ -425,58 +494,78 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
         dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full, sm_scale2,
-                      BN, False, CAUSAL, DMODE, TMA, D)
+                      BN, False, CAUSAL, DMODE, TMA, D, USE_ACP)
         dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, tl.maximum(hi_full, lo), hi,
-                      sm_scale2, BN, True, CAUSAL, DMODE, TMA, D)
+                      sm_scale2, BN, True, CAUSAL, DMODE, TMA, D, USE_ACP)
         tl.store(DQ + (qs + offs_m)[:, None] * s_dq_t + h * s_dq_h + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
+def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n,
+               offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM:
+               tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
+    """One trip of :func:`_dkdv_tile` at row/column i0."""
+    offs_m = i0 + offs_m0
+    # Q, DO, CQ, LSE2, DELTA, BQ point at this document's first row and this head already:
+    # in-document offsets stay 32-bit (fewer registers than 64-bit per-element addresses)
+    if MODE == 0 and TMA:
+        qT = tl.trans(QD.load([qs.to(tl.int32) + i0, h * D]))
+        do = DOD.load([qs.to(tl.int32) + i0, h * D])
+        cq = tl.load(CQ + offs_m * s_cq_t)
+        lse2 = tl.load(LSE2 + offs_m * s_l_t)
+        di = tl.load(DELTA + offs_m * s_l_t)
+    elif MODE == 0:
+        qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None])
+        do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :])
+        cq = tl.load(CQ + offs_m * s_cq_t)
+        lse2 = tl.load(LSE2 + offs_m * s_l_t)
+        di = tl.load(DELTA + offs_m * s_l_t)
+    else:
+        rmask = offs_m < lq
+        qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None], mask=rmask[None, :], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        cq = tl.load(CQ + offs_m * s_cq_t, mask=rmask, other=0.0)
+        lse2 = tl.load(LSE2 + offs_m * s_l_t, mask=rmask, other=float("inf"))
+        di = tl.load(DELTA + offs_m * s_l_t, mask=rmask, other=0.0)
+    # the query tile lies inside one TILE of its document, so its fp64 base is one scalar
+    dd = (tl.load(BQ + i0 * s_bq_t) - bk).to(tl.float32)
+    # decay = (cq_i + dd) - ck_j: the query-side part joins the row statistic ([BM] work)
+    lse2r = lse2 - (cq + dd) * 1.4426950408889634
+    sT = tl.dot(k, qT)  # [BN, BM]
+    sT = sT * sm_scale2 - col2[:, None]
+    if MODE == 1:
+        sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
+    pT = tl.exp2(sT - lse2r[None, :])
+    dv = dv + tl.dot(pT.to(do.dtype), do)
+    dpT = tl.dot(v, tl.trans(do))
+    dsT = pT * (dpT - di[None, :])
+    dk = dk + tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+    dc = dc - tl.sum(dsT, 1)
+    return dk, dv, dc
+
+
+@triton.jit
 def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
                s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, lo, hi, sm_scale2,
-               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
+               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr):
     """MODE 0: whole query tiles below the key tile (no masks at all); 1: the causal diagonal (row
     and causal masks); 2: a partial last query tile (row mask only)."""
-    for i0 in range(lo, hi, BM):
-        offs_m = i0 + offs_m0
-        # Q, DO, CQ, LSE2, DELTA, BQ point at this document's first row and this head already:
-        # in-document offsets stay 32-bit (fewer registers than 64-bit per-element addresses)
-        if MODE == 0 and TMA:
-            qT = tl.trans(QD.load([qs.to(tl.int32) + i0, h * D]))
-            do = DOD.load([qs.to(tl.int32) + i0, h * D])
-            cq = tl.load(CQ + offs_m * s_cq_t)
-            lse2 = tl.load(LSE2 + offs_m * s_l_t)
-            di = tl.load(DELTA + offs_m * s_l_t)
-        elif MODE == 0:
-            qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None])
-            do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :])
-            cq = tl.load(CQ + offs_m * s_cq_t)
-            lse2 = tl.load(LSE2 + offs_m * s_l_t)
-            di = tl.load(DELTA + offs_m * s_l_t)
-        else:
-            rmask = offs_m < lq
-            qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None], mask=rmask[None, :], other=0.0)
-            do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
-            cq = tl.load(CQ + offs_m * s_cq_t, mask=rmask, other=0.0)
-            lse2 = tl.load(LSE2 + offs_m * s_l_t, mask=rmask, other=float("inf"))
-            di = tl.load(DELTA + offs_m * s_l_t, mask=rmask, other=0.0)
-        # the query tile lies inside one TILE of its document, so its fp64 base is one scalar
-        dd = (tl.load(BQ + i0 * s_bq_t) - bk).to(tl.float32)
-        # decay = (cq_i + dd) - ck_j: the query-side part joins the row statistic ([BM] work)
-        lse2r = lse2 - (cq + dd) * 1.4426950408889634
-        sT = tl.dot(k, qT)  # [BN, BM]
-        sT = sT * sm_scale2 - col2[:, None]
-        if MODE == 1:
-            sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
-        pT = tl.exp2(sT - lse2r[None, :])
-        dv = dv + tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - di[None, :])
-        dk = dk + tl.dot(dsT.to(qT.dtype), tl.trans(qT))
-        dc = dc - tl.sum(dsT, 1)
+    # TRIPS (the ACP table path, whose loop bounds are loaded): count trips from 0. With a loaded
+    # bound LLVM did not strength-reduce the row/column addresses of a range(lo, hi, step) loop
+    # (module docstring, "Loop form").
+    if TRIPS:
+        for it in range(0, (hi - lo + BM - 1) // BM):
+            dk, dv, dc = _dkdv_step(dk, dv, dc, lo + it * BM, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk,
+                                    qs, lq, h, offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t,
+                                    s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D)
+    else:
+        for i0 in range(lo, hi, BM):
+            dk, dv, dc = _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h,
+                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t,
+                                    s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D)
     return dk, dv, dc
 
 
@@ -524,7 +613,7 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
                 dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                         offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
                                         s_bq_t, s_bq_h, s_l_t, s_l_h, n0, tl.minimum(n0 + BN, end), sm_scale2,
-                                        BM, 1, TMA, D)
+                                        BM, 1, TMA, D, USE_ACP)
                 start = n0 + BN
             else:
                 start = 0
@@ -532,10 +621,10 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
             mid = tl.maximum(start, tl.minimum(end, (lq // BM) * BM))
             dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D, USE_ACP)
             dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D, USE_ACP)
             tl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
         tl.store(DK + (ks + offs_n)[:, None] * s_dk_t + hk * s_dk_h + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask[:, None])
