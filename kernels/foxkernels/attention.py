@@ -123,7 +123,9 @@ ms dense (same run).
   instead of 698). Same-run A/B, fwd+bwd (``...-ab-loop-form.json``): ACP on mixed gates -3.1 / -1.5 /
   -1.8% at T16k D64 / T32k D128 / T64k D128, on near-1 gates -1.9 / -2.0 / -1.8%; dense (which then also
   counted trips everywhere) +3.3% at T16k D64 and +-0.2% at D128, so the paths without a table keep the
-  range loop (their code is the old code, instruction for instruction).
+  range loop. Offline sm_90a compiles (triton 3.6, the JIT's specialisation at T64k D128 and T16k D64) give SASS
+  identical to the A/B's "new" kernels on every table path and to its "old" kernels on the dense dkdv and the
+  dense D64 forward.
 * **Registers.** Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
   64-bit offsets per element, cut ptxas's spill stores (Triton 3.8 here, compiled without the JIT's
   argument specialisation) from 1952 to 1184 bytes (dkdv, D64; 2712 to 1200 with ACP), 932 to 336
@@ -262,6 +264,21 @@ def _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
 
 
 @triton.jit
+def _scores(q, kT, CK, BK, bq, ks, lk, h, j0, kn, offs_m, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2,
+            MASKED: tl.constexpr, CAUSAL: tl.constexpr, DMODE: tl.constexpr):
+    """Scores of a query tile against key tile ``j0`` in log2 units without the row term ``cq_i``
+    (``[BM, BN]``, ``-inf`` where masked): ``scale * log2(e) * q.k - colb_j``."""
+    colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
+    s = tl.dot(q, kT) * sm_scale2 - colb[None, :]
+    if MASKED:
+        ok = kn[None, :] < lk
+        if CAUSAL:
+            ok = ok & (kn[None, :] <= offs_m[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_step(acc, l_i, m_i, j0, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m, offs_n, offs_d, s_k_t, s_k_h,
               s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2, BN: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
@@ -282,14 +299,8 @@ def _fwd_step(acc, l_i, m_i, j0, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, off
         vv = tl.load(V + (ks + kn)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :])
     # column term (log2 units): decay_ij = cq_i - colb_j; the row term cq_i is constant along the
     # whole row, so it is left out of the softmax and added to the lse at the end
-    colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
-    qk = tl.dot(q, kT)
-    s = qk * sm_scale2 - colb[None, :]
-    if MASKED:
-        ok = kn[None, :] < lk
-        if CAUSAL:
-            ok = ok & (kn[None, :] <= offs_m[:, None])
-        s = tl.where(ok, s, float("-inf"))
+    s = _scores(q, kT, CK, BK, bq, ks, lk, h, j0, kn, offs_m, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2,
+                MASKED, CAUSAL, DMODE)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -414,14 +425,8 @@ def _dq_step(dq, j0, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, 
     else:
         kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None])
         vT = tl.load(V + kn[None, :] * s_v_t + offs_d[:, None])
-    colb = _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h, MASKED, DMODE)
-    qk = tl.dot(q, kT)
-    s = qk * sm_scale2 - colb[None, :]
-    if MASKED:
-        ok = kn[None, :] < lk
-        if CAUSAL:
-            ok = ok & (kn[None, :] <= offs_m[:, None])
-        s = tl.where(ok, s, float("-inf"))
+    s = _scores(q, kT, CK, BK, bq, ks, lk, h, j0, kn, offs_m, s_ck_t, s_ck_h, s_bk_t, s_bk_h, sm_scale2,
+                MASKED, CAUSAL, DMODE)
     p = tl.exp2(s - lse2r[:, None])
     dp = tl.dot(do, vT)
     ds = p * (dp - di[:, None])
