@@ -2,7 +2,8 @@
 
 Usage (on a CUDA machine, from the repository root):
 
-    PYTHONPATH=kernels:. python bench/attention.py [--out DIR] [--sweep] [--skip-check] [--shapes ...]
+    foxdist bench attention [--out DIR] [--profile] [--sweep] [--skip-check] [--shapes ...] [--ab SPEC ...]
+    PYTHONPATH=kernels:. python bench/attention.py [same arguments]
 
 1. Correctness: bf16 kernel vs an fp32 reference computed blockwise in PyTorch
    (:func:`foxdist.ops.forgetting_attention` with ``impl="reference"``) at T from 1k to 64k, mixed
@@ -401,25 +402,49 @@ def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
     results["profile_ms_per_fwdbwd"] = out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--variants", action="store_true")
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+def _git_commit() -> str:
+    """``FOXDIST_COMMIT`` if set (a copied working tree has no .git), else ``git rev-parse --short HEAD``."""
+    env = os.environ.get("FOXDIST_COMMIT")
+    if env:
+        return env
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Correctness and timing of the Triton FoX attention kernels "
+                                 "against SDPA and FLA on one GPU (module docstring of bench/attention.py).")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                    help="folder of the results JSON, attention-<gpu>-<date>.json (default bench/results)")
+    ap.add_argument("--sweep", action="store_true", help="also time tile configurations (FOXKERNELS_CONFIG)")
+    ap.add_argument("--skip-check", action="store_true", help="skip the bf16-vs-fp32 correctness check")
+    ap.add_argument("--profile", action="store_true", help="also a torch.profiler kernel breakdown per shape")
+    ap.add_argument("--variants", action="store_true", help="also the kernel variants of variants()")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help=f"shapes to time (default all: {list(SHAPES)})")
     ap.add_argument("--ab", nargs="+", metavar="SPEC",
                     help="only an A/B of environment settings, e.g. TMA=none TMA=fwd (see ab())")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+    if not torch.cuda.is_available():
+        print(f"{ap.prog}: needs a CUDA GPU (torch.cuda.is_available() is False); the kernels' CPU tests are "
+              "tests/test_kernels.py", file=sys.stderr)
+        return 2
     device = "cuda"
     props = torch.cuda.get_device_properties(0)
     now = datetime.datetime.now(datetime.timezone.utc)
-    results = dict(command=" ".join(sys.argv), device=props.name, sm_count=props.multi_processor_count,
+    cmd = [prog] if prog else [sys.argv[0]]
+    results = dict(command=" ".join(cmd + list(sys.argv[1:] if argv is None else argv)), device=props.name, sm_count=props.multi_processor_count,
                    torch=torch.__version__, triton=triton.__version__, date=now.isoformat(timespec="seconds"),
                    acp_eps=EPS, acp_bound="max-norm U = max|q| max|k| scale (per head), N = T",
                    official_fox_acp_mixed_fwdbwd_ms=OFFICIAL_ACP_MIXED,
-                   git_commit=os.environ.get("FOXDIST_COMMIT", "?"),
+                   git_commit=_git_commit(),
                    foxkernels_env={k: v for k, v in os.environ.items() if k.startswith("FOXKERNELS_")})
     try:
         from fla.ops.forgetting_attn import parallel_forgetting_attn as fla
@@ -441,7 +466,7 @@ def main():
         ab(device, results, args.ab, args.shapes)
         save()
         print("wrote", path)
-        return
+        return 0
     if args.profile:
         profile(device, results, args.shapes)
         save()
@@ -476,7 +501,8 @@ def main():
     for row in results.get("correctness_bf16_vs_fp32_reference", []):
         print("check", {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
     print("wrote", path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
