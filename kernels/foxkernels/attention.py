@@ -126,6 +126,8 @@ ms dense (same run).
   range loop. Offline sm_90a compiles (triton 3.6, the JIT's specialisation at T64k D128 and T16k D64) give SASS
   identical to the A/B's "new" kernels on every table path and to its "old" kernels on the dense dkdv and the
   dense D64 forward.
+* **Prepared, not yet timed:** ``FOXKERNELS_ROWSTAT=1`` (:func:`_rowstat`) forms ``lse2 - cq log2(e)`` once
+  instead of loading ``cq`` in every dkdv trip: 23 fewer SASS instructions in the dkdv main loop.
 * **Registers.** Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
   64-bit offsets per element, cut ptxas's spill stores (Triton 3.8 here, compiled without the JIT's
   argument specialisation) from 1952 to 1184 bytes (dkdv, D64; 2712 to 1200 with ACP), 932 to 336
@@ -462,7 +464,7 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
                sm_scale, sm_scale2, max_units, H, GROUP,
                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-               KD, VD):
+               KD, VD, ROWSTAT: tl.constexpr):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -481,7 +483,10 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
         q = tl.load(Q + (qs + offs_m)[:, None] * s_q_t + h * s_q_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
         do = tl.load(DO + (qs + offs_m)[:, None] * s_do_t + h * s_do_h + offs_d[None, :], mask=rmask[:, None],
                      other=0.0)
-        cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
+        if ROWSTAT:  # LSE2 holds lse2 - cq * log2(e) already (_run_bwd)
+            cq = tl.zeros([BM], tl.float32)
+        else:
+            cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
         lse2 = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
         bq = tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
@@ -511,7 +516,7 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
 @triton.jit
 def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n,
                offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM:
-               tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
+               tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, ROWSTAT: tl.constexpr):
     """One trip of :func:`_dkdv_tile` at row/column i0."""
     offs_m = i0 + offs_m0
     # Q, DO, CQ, LSE2, DELTA, BQ point at this document's first row and this head already:
@@ -519,20 +524,29 @@ def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, 
     if MODE == 0 and TMA:
         qT = tl.trans(QD.load([qs.to(tl.int32) + i0, h * D]))
         do = DOD.load([qs.to(tl.int32) + i0, h * D])
-        cq = tl.load(CQ + offs_m * s_cq_t)
+        if ROWSTAT:  # LSE2 holds lse2 - cq * log2(e) already (_run_bwd); -0.0 folds away in (cq + dd)
+            cq = tl.full([BM], -0.0, tl.float32)
+        else:
+            cq = tl.load(CQ + offs_m * s_cq_t)
         lse2 = tl.load(LSE2 + offs_m * s_l_t)
         di = tl.load(DELTA + offs_m * s_l_t)
     elif MODE == 0:
         qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None])
         do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :])
-        cq = tl.load(CQ + offs_m * s_cq_t)
+        if ROWSTAT:  # LSE2 holds lse2 - cq * log2(e) already (_run_bwd); -0.0 folds away in (cq + dd)
+            cq = tl.full([BM], -0.0, tl.float32)
+        else:
+            cq = tl.load(CQ + offs_m * s_cq_t)
         lse2 = tl.load(LSE2 + offs_m * s_l_t)
         di = tl.load(DELTA + offs_m * s_l_t)
     else:
         rmask = offs_m < lq
         qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None], mask=rmask[None, :], other=0.0)
         do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        cq = tl.load(CQ + offs_m * s_cq_t, mask=rmask, other=0.0)
+        if ROWSTAT:  # LSE2 holds lse2 - cq * log2(e) already (_run_bwd); -0.0 folds away in (cq + dd)
+            cq = tl.full([BM], -0.0, tl.float32)
+        else:
+            cq = tl.load(CQ + offs_m * s_cq_t, mask=rmask, other=0.0)
         lse2 = tl.load(LSE2 + offs_m * s_l_t, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + offs_m * s_l_t, mask=rmask, other=0.0)
     # the query tile lies inside one TILE of its document, so its fp64 base is one scalar
@@ -555,7 +569,8 @@ def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, 
 @triton.jit
 def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
                s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, lo, hi, sm_scale2,
-               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr):
+               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr,
+               ROWSTAT: tl.constexpr):
     """MODE 0: whole query tiles below the key tile (no masks at all); 1: the causal diagonal (row
     and causal masks); 2: a partial last query tile (row mask only)."""
     # TRIPS (the ACP table path, whose loop bounds are loaded): count trips from 0. With a loaded
@@ -565,12 +580,12 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, 
         for it in range(0, (hi - lo + BM - 1) // BM):
             dk, dv, dc = _dkdv_step(dk, dv, dc, lo + it * BM, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk,
                                     qs, lq, h, offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t,
-                                    s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D)
+                                    s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D, ROWSTAT)
     else:
         for i0 in range(lo, hi, BM):
             dk, dv, dc = _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t,
-                                    s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D)
+                                    s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D, ROWSTAT)
     return dk, dv, dc
 
 
@@ -580,7 +595,8 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
                  s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                  sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD,
+                 ROWSTAT: tl.constexpr):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
@@ -618,7 +634,7 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
                 dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                         offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
                                         s_bq_t, s_bq_h, s_l_t, s_l_h, n0, tl.minimum(n0 + BN, end), sm_scale2,
-                                        BM, 1, TMA, D, USE_ACP)
+                                        BM, 1, TMA, D, USE_ACP, ROWSTAT)
                 start = n0 + BN
             else:
                 start = 0
@@ -626,10 +642,10 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
             mid = tl.maximum(start, tl.minimum(end, (lq // BM) * BM))
             dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D, USE_ACP)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D, USE_ACP, ROWSTAT)
             dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D, USE_ACP)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D, USE_ACP, ROWSTAT)
             tl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
         tl.store(DK + (ks + offs_n)[:, None] * s_dk_t + hk * s_dk_h + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask[:, None])
@@ -642,6 +658,15 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
 # ----------------------------------------------------------------------------------------------
 def _dmode() -> int:
     return int(os.environ.get("FOXKERNELS_DECAY_MODE", "1"))
+
+
+def _rowstat() -> bool:
+    """``FOXKERNELS_ROWSTAT=1``: the backward receives ``lse2 - cq * log2(e)`` from one elementwise op instead
+    of loading ``cq`` in every dkdv trip (and once per dq program). Off by default: not yet timed on a GPU.
+    Offline sm_90a compile (triton 3.6): dkdv main loop 349 -> 326 SASS instructions (T64k D128, ACP), 348 ->
+    325 (dense), 296 -> 273 (T16k D64); with the setting off the kernels' SASS is what it was without it.
+    A same-run A/B: ``foxdist bench attention --ab ROWSTAT=0 ROWSTAT=1``."""
+    return os.environ.get("FOXKERNELS_ROWSTAT", "0") == "1"
 
 
 def _use_tma(kernel: str, *xs) -> bool:
@@ -877,6 +902,9 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
     if plan.max_q == 0 or plan.max_k == 0:
         dq.zero_(), dk.zero_(), dv.zero_(), dc.zero_()
         return dq, dk, dv, dc
+    rowstat = _rowstat()
+    if rowstat:  # the row term of the decay joins the row statistic once, not in every dkdv trip
+        lse2 = _tn(lse2 - plan.cq * LOG2E)
     bound = plan.bound if plan.bound is not None else lse2
     use_acp = plan.bound is not None
     dq_bound, dq_acp = bound, use_acp
@@ -893,7 +921,7 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, ROWSTAT=rowstat, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
@@ -903,7 +931,7 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
+        TMA=tma, QD=qd, DOD=dod, ROWSTAT=rowstat, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
