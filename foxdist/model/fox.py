@@ -147,13 +147,24 @@ class RopeAttentionLayer(nn.Module):
         q = apply_rope(self.q_proj(x).view(b, t, self.h, self.hd), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, t, self.hkv, self.hd), cos, sin)
         v = self.v_proj(x).view(b, t, self.hkv, self.hd)
-        rep = self.h // self.hkv
-        q, k, v = (z.transpose(1, 2) for z in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)))
-        if cu_seqlens is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(cu_seqlens, b, t, x.device))
+        o = causal_sdpa(q, k, v, cu_seqlens)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.hd))
+
+
+def causal_sdpa(q, k, v, cu_seqlens=None):
+    """Causal softmax attention through SDPA, within documents when ``cu_seqlens`` is given.
+
+    Args:
+        q: ``[B, T, H, D]``; k, v: ``[B, T, Hkv, D]`` (repeated to ``H`` heads).
+    Returns:
+        ``o [B, H, T, D]``.
+    """
+    b, t, h, _ = q.shape
+    rep = h // k.shape[2]
+    q, k, v = (z.transpose(1, 2) for z in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)))
+    if cu_seqlens is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(cu_seqlens, b, t, q.device))
 
 
 class Block(nn.Module):

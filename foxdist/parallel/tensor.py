@@ -51,7 +51,6 @@ from ..model import layers as _layers
 from ..model.fox import FoxLM, ForgettingAttentionLayer, LocalSequence
 from ..model.layers import apply_rope, rope_tables
 from ..ops import AcpStats, qknorm_bound
-from ..ops.naive import document_causal_mask
 from .dims import ParallelDims
 
 _LOCAL = LocalSequence()
@@ -240,12 +239,7 @@ class TPRopeAttention(_TPRegion):
         q = apply_rope(_bthd(self._out(self.q_proj(x)), self.h, self.hd), cos, sin)
         k = apply_rope(_bthd(self._out(self.k_proj(x)), self.hkv, self.hd), cos, sin)
         v = _bthd(self._out(self.v_proj(x)), self.hkv, self.hd)
-        rep = self.h // self.hkv
-        q, k, v = (z.transpose(1, 2) for z in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)))
-        if cu_seqlens is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(cu_seqlens, b, t, x.device))
+        o = _fox.causal_sdpa(q, k, v, cu_seqlens)
         o = o.permute(2, 0, 1, 3).reshape(t, b, self.h * self.hd)
         return self._out(self.o_proj(o))
 

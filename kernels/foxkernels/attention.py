@@ -197,6 +197,17 @@ DEFAULT_TILE = 128
 # ACP boundary table
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _doc_extent(CU_Q, CU_K, z):
+    """First query row, query count, first key row and key count of document ``z``. The starts are 64-bit
+    (``T * H * D`` may exceed ``2**31``), the lengths 32-bit (in-document offsets stay 32-bit)."""
+    qs = tl.load(CU_Q + z).to(tl.int64)
+    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
+    ks = tl.load(CU_K + z).to(tl.int64)
+    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
+    return qs, lq, ks, lk
+
+
+@triton.jit
 def _acp_bound_kernel(CQ, CK, BQ, BK, DELTA, BOUND, CU_Q, CU_K,
                       s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h,
                       max_units, H,
@@ -205,10 +216,7 @@ def _acp_bound_kernel(CQ, CK, BQ, BK, DELTA, BOUND, CU_Q, CU_K,
     u = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
-    qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
-    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
-    ks = tl.load(CU_K + z).to(tl.int64)
-    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
+    qs, lq, ks, lk = _doc_extent(CU_Q, CU_K, z)
     i0 = u * TILE
     if i0 < lq:
         # c of the unit's first query (fp64: tile-local fp32 + fp64 base)
@@ -344,10 +352,7 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
-    qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
-    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
-    ks = tl.load(CU_K + z).to(tl.int64)
-    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
+    qs, lq, ks, lk = _doc_extent(CU_Q, CU_K, z)
     mt = tl.num_programs(0) - 1 - pid  # heaviest (last) query tiles first
     i0 = mt * BM
     if i0 < lq:
@@ -468,10 +473,7 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
-    qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
-    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
-    ks = tl.load(CU_K + z).to(tl.int64)
-    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
+    qs, lq, ks, lk = _doc_extent(CU_Q, CU_K, z)
     mt = tl.num_programs(0) - 1 - pid
     i0 = mt * BM
     if i0 < lq:
@@ -600,10 +602,7 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
-    qs = tl.load(CU_Q + z).to(tl.int64)  # 64-bit addressing: T*H*D may exceed 2**31
-    lq = (tl.load(CU_Q + z + 1) - qs).to(tl.int32)
-    ks = tl.load(CU_K + z).to(tl.int64)
-    lk = (tl.load(CU_K + z + 1) - ks).to(tl.int32)
+    qs, lq, ks, lk = _doc_extent(CU_Q, CU_K, z)
     n0 = pid * BN
     if n0 < lk:
         offs_n = n0 + tl.arange(0, BN)
