@@ -129,7 +129,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 3, k
                                    f"intact and stays latest; free space (or fix the error) and rerun to resume")
             commit_error.__cause__ = e
         else:
-            _retain(root, keep_last, keep_every)
+            _retain(root, keep_last, keep_every, keep_step=step)
     # collective: every rank learns whether rank 0 committed (instead of waiting at a barrier it never reaches)
     failed = any_failed(commit_error is not None)
     barrier()
@@ -151,7 +151,11 @@ def _complete(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _retain(root: Path, keep_last: int, keep_every: int) -> None:
+def _retain(root: Path, keep_last: int, keep_every: int, keep_step: int | None = None) -> None:
+    """Delete complete checkpoints beyond the ``keep_last`` highest steps (and the multiples of ``keep_every``),
+    never ``keep_step``: the one just committed, which ``latest`` names. A run restarted in the same directory
+    that saves lower step numbers than an earlier run left would otherwise delete its own newest checkpoint
+    and leave ``latest`` naming a directory that no longer exists."""
     # temp directories left by a save that was killed midway: only one save runs at a time
     for p in root.glob("step_*.tmp"):
         shutil.rmtree(p, ignore_errors=True)
@@ -159,6 +163,8 @@ def _retain(root: Path, keep_last: int, keep_every: int) -> None:
         p.unlink(missing_ok=True)
     ckpts = _complete(root)
     keep = {s for s, _ in ckpts[-max(1, keep_last):]}
+    if keep_step is not None:
+        keep.add(keep_step)
     if keep_every:
         keep |= {s for s, _ in ckpts if s % keep_every == 0}
     for s, p in ckpts:

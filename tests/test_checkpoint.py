@@ -57,6 +57,17 @@ def test_retention_keeps_last_and_every(tmp_path):
     assert names == ["step_00000004", "step_00000008", "step_00000009", "step_00000010"]
 
 
+def test_retention_never_removes_the_checkpoint_latest_names(tmp_path):
+    # a run restarted in the same directory saves lower step numbers than the checkpoints an earlier run left
+    for step in (5, 6, 1, 2):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+        ckpt = latest_checkpoint(tmp_path)
+        assert ckpt.name == f"step_{step:08d}" == (tmp_path / "checkpoints" / "latest").read_text().strip()
+        assert load_checkpoint(ckpt)["step"] == step
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert names == ["step_00000002", "step_00000005", "step_00000006"]  # the two highest steps, and latest
+
+
 def test_layout_mismatch_and_damaged_file(tmp_path):
     path = save_checkpoint(tmp_path, 3, {"step": 3}, meta={"world_size": 4, "tp": 2})
     with pytest.raises(ValueError, match="another parallel layout .*tp: saved 2, now 1"):
