@@ -364,11 +364,27 @@ def ab(device, results, specs, shapes, rounds=2):
     results["ab_ms_fwd_fwdbwd"] = res
 
 
+def kernel_ms(fn, reps=3):
+    """CUDA time of each kernel that ``fn`` launches, ms per call (mean of ``reps`` calls after one warm-up),
+    from torch.profiler's self times (the autograd Function ranges contain their kernels and would count
+    twice), and the profiler's table."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    avg = p.key_averages()
+    kern = {e.key: getattr(e, "self_device_time_total", 0) / 1e3 / reps for e in avg
+            if getattr(e, "self_device_time_total", 0) > 0}
+    return kern, avg.table(sort_by="device_time_total", row_limit=16)
+
+
 def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
     """CUDA kernel time breakdown of one forward+backward (torch.profiler), dense (near-1 gates) and
     with ACP on mixed gates, next to the do_bench totals of the same case: what the kernels take and
     what the PyTorch glue around them adds. Gradients are reset before every run, as in the timings."""
-    from torch.profiler import ProfilerActivity, profile as prof
     gen = torch.Generator(device=device).manual_seed(3)
     out = {}
     for name in shapes:
@@ -386,17 +402,13 @@ def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
                 with torch.no_grad():
                     foxkernels.forgetting_attention(*args, acp_delta=dl)
             total = time_fwd_fwdbwd(fwd, fwdbwd, args)
-            with prof(activities=[ProfilerActivity.CUDA]) as p:
-                for _ in range(3):
-                    for x in args:
-                        x.grad = None
-                    fwdbwd()
-                torch.cuda.synchronize()
-            table = p.key_averages().table(sort_by="device_time_total", row_limit=16)
+
+            def fresh_fwdbwd():
+                for x in args:
+                    x.grad = None
+                fwdbwd()
+            kern, table = kernel_ms(fresh_fwdbwd)
             print(name, case, f"do_bench fwd {total[0]:.3f} fwd+bwd {total[1]:.3f} ms\n", table, flush=True)
-            # kernels only (the autograd Function ranges contain their kernels and would count twice)
-            kern = {e.key: getattr(e, "self_device_time_total", 0) / 3e3 for e in p.key_averages()
-                    if getattr(e, "self_device_time_total", 0) > 0}
             out[f"{name}/{case}"] = dict(do_bench_fwd_fwdbwd=total, kernels=kern, kernel_sum=sum(kern.values()))
         del q, k, v, do, xs
     results["profile_ms_per_fwdbwd"] = out

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 sys.path[:0] = ["kernels", "."]
 import foxkernels
 import foxkernels.attention as ka
+from bench.attention import kernel_ms
 from foxdist.ops import acp_threshold, qk_bound
-from torch.profiler import ProfilerActivity, profile as prof
 
 dev = "cpu" if os.environ.get("DIAG_CPU") else "cuda"
 plans = []
@@ -23,15 +23,13 @@ def spy(do, q, k, v, plan, *a, **kw):
     return real(do, q, k, v, plan, *a, **kw)
 ka._run_bwd = spy
 
-def ktimes(fn, reps=3):
+def ktimes(fn):
+    """Our kernels' ms per call of ``fn`` (dummy times with DIAG_CPU: the bookkeeping only)."""
     if os.environ.get("DIAG_CPU"):
-        fn(); return {"_dkdv_kernel": 1.0, "_dq_kernel": 1.0, "_fwd_kernel": 1.0}
-    fn(); torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key: e.self_device_time_total / 1e3 / reps for e in p.key_averages() if e.key.startswith("_")}
+        fn()
+        return {"_dkdv_kernel": 1.0, "_dq_kernel": 1.0, "_fwd_kernel": 1.0}
+    return {k: ms for k, ms in kernel_ms(fn)[0].items() if k.startswith("_")}
+
 
 def trips(plan, t):
     if plan.bound is None:

@@ -8,33 +8,27 @@ DIR/ovh_x.json; FOXKERNELS_* settings apply).
 """
 import json, math, os, sys, time
 import torch
-import torch.nn.functional as F
 sys.path[:0] = ["kernels", "."]
 import foxkernels
+from bench.attention import gates, kernel_ms
 from foxdist.ops import acp_threshold, qk_bound
-from torch.profiler import ProfilerActivity, profile as prof
 
 dev = "cuda"
 out = {}
-def kernel_times(fn, reps=3):
-    fn(); torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
+
+
+def kernel_times(fn):
+    """Per-kernel ms of ``fn``: our Triton kernels by name, every PyTorch kernel summed as ``glue``."""
     k = {}
-    for e in p.key_averages():
-        t = getattr(e, "self_device_time_total", 0)
-        if t > 0:
-            name = e.key if e.key.startswith("_") else "glue"
-            k[name] = k.get(name, 0) + t / 1e3 / reps
+    for name, ms in kernel_ms(fn)[0].items():
+        name = name if name.startswith("_") else "glue"
+        k[name] = k.get(name, 0) + ms
     return k
+
 
 def case(b, t, h, d, kind, gen):
     q, k, v, do = (torch.randn(b, t, h, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(4))
-    x = torch.randn(b, t, h, device=dev, generator=gen)
-    x = x + (torch.linspace(-1.0, 8.0, h, device=dev) if kind == "mixed" else 10.0)
-    g = F.logsigmoid(x).float()
+    g = gates(b * t, h, kind, dev, gen).view(b, t, h)
     xs = [z.detach().clone().requires_grad_(True) for z in (q, k, v, g)]
     dl = acp_threshold(math.exp(-10.0), qk_bound(q, k, d ** -0.5), t).to(dev) if kind == "mixed" else None
     def fb():

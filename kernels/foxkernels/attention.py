@@ -516,6 +516,18 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
 
 
 @triton.jit
+def _row_cq(CQ, offs_m, s_cq_t, lq, BM: tl.constexpr, MASKED: tl.constexpr, ROWSTAT: tl.constexpr):
+    """The query rows' tile-local prefix sums for the dkdv row statistic; ``-0.0`` (which folds away in
+    ``cq + dd``) when ``LSE2`` already holds ``lse2 - cq * log2(e)`` (ROWSTAT, :func:`_rowstat`)."""
+    if ROWSTAT:
+        return tl.full([BM], -0.0, tl.float32)
+    elif MASKED:
+        return tl.load(CQ + offs_m * s_cq_t, mask=offs_m < lq, other=0.0)
+    else:
+        return tl.load(CQ + offs_m * s_cq_t)
+
+
+@triton.jit
 def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n,
                offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM:
                tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, ROWSTAT: tl.constexpr):
@@ -526,29 +538,20 @@ def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, 
     if MODE == 0 and TMA:
         qT = tl.trans(QD.load([qs.to(tl.int32) + i0, h * D]))
         do = DOD.load([qs.to(tl.int32) + i0, h * D])
-        if ROWSTAT:  # LSE2 holds lse2 - cq * log2(e) already (_run_bwd); -0.0 folds away in (cq + dd)
-            cq = tl.full([BM], -0.0, tl.float32)
-        else:
-            cq = tl.load(CQ + offs_m * s_cq_t)
+        cq = _row_cq(CQ, offs_m, s_cq_t, lq, BM, False, ROWSTAT)
         lse2 = tl.load(LSE2 + offs_m * s_l_t)
         di = tl.load(DELTA + offs_m * s_l_t)
     elif MODE == 0:
         qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None])
         do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :])
-        if ROWSTAT:  # LSE2 holds lse2 - cq * log2(e) already (_run_bwd); -0.0 folds away in (cq + dd)
-            cq = tl.full([BM], -0.0, tl.float32)
-        else:
-            cq = tl.load(CQ + offs_m * s_cq_t)
+        cq = _row_cq(CQ, offs_m, s_cq_t, lq, BM, False, ROWSTAT)
         lse2 = tl.load(LSE2 + offs_m * s_l_t)
         di = tl.load(DELTA + offs_m * s_l_t)
     else:
         rmask = offs_m < lq
         qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None], mask=rmask[None, :], other=0.0)
         do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        if ROWSTAT:  # LSE2 holds lse2 - cq * log2(e) already (_run_bwd); -0.0 folds away in (cq + dd)
-            cq = tl.full([BM], -0.0, tl.float32)
-        else:
-            cq = tl.load(CQ + offs_m * s_cq_t, mask=rmask, other=0.0)
+        cq = _row_cq(CQ, offs_m, s_cq_t, lq, BM, True, ROWSTAT)
         lse2 = tl.load(LSE2 + offs_m * s_l_t, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + offs_m * s_l_t, mask=rmask, other=0.0)
     # the query tile lies inside one TILE of its document, so its fp64 base is one scalar
