@@ -126,8 +126,12 @@ ms dense (same run).
   range loop. Offline sm_90a compiles (triton 3.6, the JIT's specialisation at T64k D128 and T16k D64) give SASS
   identical to the A/B's "new" kernels on every table path and to its "old" kernels on the dense dkdv and the
   dense D64 forward.
-* **Prepared, not yet timed:** ``FOXKERNELS_ROWSTAT=1`` (:func:`_rowstat`) forms ``lse2 - cq log2(e)`` once
-  instead of loading ``cq`` in every dkdv trip: 23 fewer SASS instructions in the dkdv main loop.
+* **Row statistic formed once.** The backward kernels receive ``lse2 - cq log2(e)`` (one elementwise op
+  on ``[N, H]``) instead of loading ``cq`` in every dkdv trip: offline sm_90a compile (triton 3.6), dkdv main
+  loop 349 -> 326 SASS instructions (T64k D128, ACP), 348 -> 325 (dense), 296 -> 273 (T16k D64). Same-run
+  A/B on the H200 (``bench/results/attention-h200-2026-12-04-ab-rowstat.json``, fwd+bwd): dense -2.1 / -1.1
+  / -0.6%, ACP on mixed gates -2.0 / -2.2 / -2.0%, on near-1 gates -1.9 / -1.6 / -1.7% at T16k D64 / T32k
+  D128 / T64k D128.
 * **Registers.** Adding 32-bit in-document offsets to 64-bit per-document base pointers, instead of
   64-bit offsets per element, cut ptxas's spill stores (Triton 3.8 here, compiled without the JIT's
   argument specialisation) from 1952 to 1184 bytes (dkdv, D64; 2712 to 1200 with ACP), 932 to 336
@@ -165,17 +169,17 @@ ms dense (same run).
 
 Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
 lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100
-runs within 1-3%). Full run at the previous commit (``bench/results/attention-h200-2026-12-04.json``):
-ours dense 10.5 / 41.5 / 165; SDPA flash backend, same run, 10.3 / 47.4 / 190 (ratio 1.02 / 0.87 / 0.87);
-SDPA's default (cuDNN) 6.8 / 29.0 / 113 (ratio 1.53 / 1.43 / 1.45); FLA 0.6.0 21.4 / 74.0 / 294; ACP on
-near-1 gates +2.4 / +2.0 / +2.9% against dense on the same gates; ACP on mixed gates 4.58 / 14.71 / 43.64.
-The loop-form change then took ACP on mixed gates to 4.43 / 14.30 / 42.45 in the same-run A/B (its "old"
-cells: 4.57 / 14.52 / 43.24), which against the official kernel's ACP times (7.33 / 18.10 / 54.18, H100,
-from the issue) is 0.60 / 0.79 / 0.78: inside the 0.8 target at 32k and 64k by 1-2%, about the size of the
-run-to-run spread. Profile (T64k, H200, previous commit, ms per fwd+bwd): dense fwd 43.3 / dq 48.7 / dkdv
-76.5; ACP on mixed gates 10.7 / 12.0 / 20.0 with 76% of units pruned. The gap to cuDNN is the kernel's
-matmul efficiency (no warp specialisation), not the decay:
-without any decay term the same kernel was only 8-15% faster.
+runs within 1-3%). Full run at ``151b454`` (``bench/results/attention-h200-2026-12-04-151b454.json``): ours dense
+10.5 / 41.6 / 165; SDPA flash backend, same run, 10.3 / 47.2 / 189 (ratio 1.02 / 0.88 / 0.87); SDPA's default
+(cuDNN) 6.8 / 29.3 / 113 (ratio 1.54 / 1.42 / 1.46); FLA 0.6.0 21.4 / 74.1 / 295; ACP on near-1 gates -0.2 /
++0.1 / +0.9% against dense on the same gates; ACP on mixed gates 4.44 / 14.32 / 42.92, then 4.35 / 14.18 / 42.14
+with the row statistic formed once (same-run A/B), i.e. 0.59 / 0.78 / 0.78 of the official kernel's ACP times
+(7.33 / 18.10 / 54.18, H100, from the issue). Profile (T64k, ms per fwd+bwd): dense fwd 43.1 / dq 49.0 / dkdv
+76.0; ACP on mixed gates 10.7 / 12.1 / 19.0 with 76% of units pruned. In matmul terms (T32k D128 dense) the
+forward runs at ~410 TFLOP/s, dq at ~540, dkdv at ~470 (bf16 peak ~990); cuDNN's whole fwd+bwd, counting five
+backward GEMMs, at ~530. The gap to cuDNN is the kernel's matmul efficiency (no warp specialisation, and two
+recomputed GEMMs in the atomics-free backward), not the decay: without any decay term the same kernel was only
+8-15% faster.
 """
 
 from __future__ import annotations
@@ -463,13 +467,13 @@ def _dq_tile(dq, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
+def _dq_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
                s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_do_t, s_do_h, s_dq_t, s_dq_h,
-               s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+               s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                sm_scale, sm_scale2, max_units, H, GROUP,
                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-               KD, VD, ROWSTAT: tl.constexpr):
+               KD, VD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -485,14 +489,10 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
         q = tl.load(Q + (qs + offs_m)[:, None] * s_q_t + h * s_q_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
         do = tl.load(DO + (qs + offs_m)[:, None] * s_do_t + h * s_do_h + offs_d[None, :], mask=rmask[:, None],
                      other=0.0)
-        if ROWSTAT:  # LSE2 holds lse2 - cq * log2(e) already (_run_bwd)
-            cq = tl.zeros([BM], tl.float32)
-        else:
-            cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
-        lse2 = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
+        # LSE2 holds lse2 - cq * log2(e): the row term of the decay is in the row statistic (_run_bwd)
+        lse2r = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
         bq = tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
-        lse2r = lse2 - cq * 1.4426950408889634  # the row term of the decay moves into the row statistic
         lo = 0
         if USE_ACP:
             lo = tl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
@@ -516,48 +516,34 @@ def _dq_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
 
 
 @triton.jit
-def _row_cq(CQ, offs_m, s_cq_t, lq, BM: tl.constexpr, MASKED: tl.constexpr, ROWSTAT: tl.constexpr):
-    """The query rows' tile-local prefix sums for the dkdv row statistic; ``-0.0`` (which folds away in
-    ``cq + dd``) when ``LSE2`` already holds ``lse2 - cq * log2(e)`` (ROWSTAT, :func:`_rowstat`)."""
-    if ROWSTAT:
-        return tl.full([BM], -0.0, tl.float32)
-    elif MASKED:
-        return tl.load(CQ + offs_m * s_cq_t, mask=offs_m < lq, other=0.0)
-    else:
-        return tl.load(CQ + offs_m * s_cq_t)
-
-
-@triton.jit
-def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n,
-               offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM:
-               tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, ROWSTAT: tl.constexpr):
+def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n,
+               offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM: tl.constexpr,
+               MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
     """One trip of :func:`_dkdv_tile` at row/column i0."""
     offs_m = i0 + offs_m0
-    # Q, DO, CQ, LSE2, DELTA, BQ point at this document's first row and this head already:
+    # Q, DO, LSE2, DELTA, BQ point at this document's first row and this head already:
     # in-document offsets stay 32-bit (fewer registers than 64-bit per-element addresses)
     if MODE == 0 and TMA:
         qT = tl.trans(QD.load([qs.to(tl.int32) + i0, h * D]))
         do = DOD.load([qs.to(tl.int32) + i0, h * D])
-        cq = _row_cq(CQ, offs_m, s_cq_t, lq, BM, False, ROWSTAT)
         lse2 = tl.load(LSE2 + offs_m * s_l_t)
         di = tl.load(DELTA + offs_m * s_l_t)
     elif MODE == 0:
         qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None])
         do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :])
-        cq = _row_cq(CQ, offs_m, s_cq_t, lq, BM, False, ROWSTAT)
         lse2 = tl.load(LSE2 + offs_m * s_l_t)
         di = tl.load(DELTA + offs_m * s_l_t)
     else:
         rmask = offs_m < lq
         qT = tl.load(Q + offs_m[None, :] * s_q_t + offs_d[:, None], mask=rmask[None, :], other=0.0)
         do = tl.load(DO + offs_m[:, None] * s_do_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        cq = _row_cq(CQ, offs_m, s_cq_t, lq, BM, True, ROWSTAT)
         lse2 = tl.load(LSE2 + offs_m * s_l_t, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + offs_m * s_l_t, mask=rmask, other=0.0)
     # the query tile lies inside one TILE of its document, so its fp64 base is one scalar
     dd = (tl.load(BQ + i0 * s_bq_t) - bk).to(tl.float32)
-    # decay = (cq_i + dd) - ck_j: the query-side part joins the row statistic ([BM] work)
-    lse2r = lse2 - (cq + dd) * 1.4426950408889634
+    # decay = (cq_i + dd) - ck_j: the query-side part joins the row statistic ([BM] work); LSE2 holds
+    # lse2 - cq * log2(e) already (_run_bwd), so only the tile pair's base difference dd remains
+    lse2r = lse2 - dd * 1.4426950408889634
     sT = tl.dot(k, qT)  # [BN, BM]
     sT = sT * sm_scale2 - col2[:, None]
     if MODE == 1:
@@ -572,10 +558,9 @@ def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, 
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
-               s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, lo, hi, sm_scale2,
-               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr,
-               ROWSTAT: tl.constexpr):
+def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
+               s_q_t, s_q_h, s_do_t, s_do_h, s_bq_t, s_bq_h, s_l_t, s_l_h, lo, hi, sm_scale2,
+               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr):
     """MODE 0: whole query tiles below the key tile (no masks at all); 1: the causal diagonal (row
     and causal masks); 2: a partial last query tile (row mask only)."""
     # TRIPS (the ACP table path, whose loop bounds are loaded): count trips from 0. With a loaded
@@ -583,25 +568,24 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, 
     # (module docstring, "Loop form").
     if TRIPS:
         for it in range(0, (hi - lo + BM - 1) // BM):
-            dk, dv, dc = _dkdv_step(dk, dv, dc, lo + it * BM, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk,
-                                    qs, lq, h, offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t,
-                                    s_cq_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D, ROWSTAT)
+            dk, dv, dc = _dkdv_step(dk, dv, dc, lo + it * BM, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk,
+                                    qs, lq, h, offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h,
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D)
     else:
         for i0 in range(lo, hi, BM):
-            dk, dv, dc = _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, CQ, BQ, LSE2, DELTA, bk, qs, lq, h,
-                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h, s_bq_t,
-                                    s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D, ROWSTAT)
+            dk, dv, dc = _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk, qs, lq, h,
+                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_bq_t,
+                                    s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D)
     return dk, dv, dc
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, CU_K,
+def _dkdv_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, CU_K,
                  s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_do_t, s_do_h, s_dk_t, s_dk_h, s_dv_t, s_dv_h,
-                 s_dc_t, s_dc_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+                 s_dc_t, s_dc_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                  sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD,
-                 ROWSTAT: tl.constexpr):
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
@@ -629,25 +613,25 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
                 # ENDS[z, h, ku]: first query unit that prunes key unit ku (see _Plan.dkdv_ends)
                 end = tl.minimum(lq, tl.load(ENDS + (z * H + h) * max_kunits + ku) * TILE)
             Qh, DOh = Q + qs * s_q_t + h * s_q_h, DO + qs * s_do_t + h * s_do_h
-            CQh, BQh = CQ + qs * s_cq_t + h * s_cq_h, BQ + qs * s_bq_t + h * s_bq_h
+            BQh = BQ + qs * s_bq_t + h * s_bq_h
             LSE2h, DELTAh = LSE2 + qs * s_l_t + h * s_l_h, DELTA + qs * s_l_t + h * s_l_h
             if CAUSAL:
                 # diagonal: rows n0 .. n0+BN-1 see part of the tile
-                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
-                                        offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
+                dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, BQh, LSE2h, DELTAh, bk, qs, lq, h,
+                                        offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h,
                                         s_bq_t, s_bq_h, s_l_t, s_l_h, n0, tl.minimum(n0 + BN, end), sm_scale2,
-                                        BM, 1, TMA, D, USE_ACP, ROWSTAT)
+                                        BM, 1, TMA, D, USE_ACP)
                 start = n0 + BN
             else:
                 start = 0
             # whole query tiles need no mask at all; a partial last tile goes through the row-masked loop
             mid = tl.maximum(start, tl.minimum(end, (lq // BM) * BM))
-            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
-                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D, USE_ACP, ROWSTAT)
-            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, CQh, BQh, LSE2h, DELTAh, bk, qs, lq, h,
-                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_cq_t, s_cq_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D, USE_ACP, ROWSTAT)
+            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, BQh, LSE2h, DELTAh, bk, qs, lq, h,
+                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h,
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D, USE_ACP)
+            dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, BQh, LSE2h, DELTAh, bk, qs, lq, h,
+                                    offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h,
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D, USE_ACP)
             tl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
         tl.store(DK + (ks + offs_n)[:, None] * s_dk_t + hk * s_dk_h + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask[:, None])
@@ -660,15 +644,6 @@ def _dkdv_kernel(Q, K, V, DO, CQ, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_
 # ----------------------------------------------------------------------------------------------
 def _dmode() -> int:
     return int(os.environ.get("FOXKERNELS_DECAY_MODE", "1"))
-
-
-def _rowstat() -> bool:
-    """``FOXKERNELS_ROWSTAT=1``: the backward receives ``lse2 - cq * log2(e)`` from one elementwise op instead
-    of loading ``cq`` in every dkdv trip (and once per dq program). Off by default: not yet timed on a GPU.
-    Offline sm_90a compile (triton 3.6): dkdv main loop 349 -> 326 SASS instructions (T64k D128, ACP), 348 ->
-    325 (dense), 296 -> 273 (T16k D64); with the setting off the kernels' SASS is what it was without it.
-    A same-run A/B: ``foxdist bench attention --ab ROWSTAT=0 ROWSTAT=1``."""
-    return os.environ.get("FOXKERNELS_ROWSTAT", "0") == "1"
 
 
 def _use_tma(kernel: str, *xs) -> bool:
@@ -904,36 +879,35 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
     if plan.max_q == 0 or plan.max_k == 0:
         dq.zero_(), dk.zero_(), dv.zero_(), dc.zero_()
         return dq, dk, dv, dc
-    rowstat = _rowstat()
-    if rowstat:  # the row term of the decay joins the row statistic once, not in every dkdv trip
-        lse2 = _tn(lse2 - plan.cq * LOG2E)
+    # the row term of the decay joins the row statistic once, instead of a cq load in every dkdv trip
+    lse2 = _tn(lse2 - plan.cq * LOG2E)
     bound = plan.bound if plan.bound is not None else lse2
     use_acp = plan.bound is not None
     dq_bound, dq_acp = bound, use_acp
     if not use_acp and _force_table("dq", d):
         dq_bound, dq_acp = plan.zero_table(), True
-    strides = (plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
+    strides = (plan.ck.stride(0), plan.ck.stride(1),
                plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1),
                lse2.stride(0), lse2.stride(1), scale, scale * LOG2E)
     common = (*strides, plan.max_units, h, h // hkv)
     bm, bn, warps, stages = cfg["dq"]
     tma, (kd, vd) = _tma_operands("dq", bn, k, v)
     _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
-        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
+        q, k, v, do, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, ROWSTAT=rowstat, num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
-        q, k, v, do, plan.cq, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
+        q, k, v, do, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-        TMA=tma, QD=qd, DOD=dod, ROWSTAT=rowstat, num_warps=warps, num_stages=stages)
+        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
