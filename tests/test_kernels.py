@@ -289,3 +289,41 @@ def test_offsets_guard():
         _check_offsets(_P(), torch.empty(4, 2048))
     _P.max_q = _P.max_k = 2 ** 19
     _check_offsets(_P(), torch.empty(4, 2048))
+
+
+@pytest.mark.parametrize("case", ["dense", "acp_varlen_gqa", "block_full"])
+def test_pipelined_loops(monkeypatch, case):
+    """FOXKERNELS_FWD_PIPE=1 and FOXKERNELS_DQ_PIPE=1 (the next key tile's q.k, resp. do.v, issued before
+    this tile's elementwise work) give the fp64 reference's outputs and gradients: dense with key loops of many
+    trips and of one trip, ACP on varlen GQA (loops starting at the pruning bound, empty loops), the block
+    primitive."""
+    monkeypatch.setenv("FOXKERNELS_FWD_PIPE", "1")
+    monkeypatch.setenv("FOXKERNELS_DQ_PIPE", "1")
+    if case == "dense":  # slow forgetting (gate bias 5), so every key tile of a row carries weight
+        q, k, v, g, do = _inputs(1, 203, 4, 2, 32, torch.float32, gate_bias=5.0, seed=21)
+        got = _grads(lambda *x: foxkernels.forgetting_attention(*x, return_lse=True, tile=32), q, k, v, g, do)
+        _check_all(got, _naive64(q, k, v, g, do), 2e-5)
+    elif case == "acp_varlen_gqa":
+        cu = torch.tensor([0, 5, 70, 71, 203], dtype=torch.int32)
+        q, k, v, g, do = _inputs(1, 203, 4, 2, 32, torch.float32, gate_bias=-0.5, seed=22)
+        delta = acp_threshold(EPS, qk_bound(q, k, 32 ** -0.5), 203)
+        stats = AcpStats()
+        got = _grads(lambda *x: foxkernels.forgetting_attention(*x, cu_seqlens=cu, acp_delta=delta, return_lse=True,
+                                                                tile=32, stats=stats), q, k, v, g, do)
+        assert stats.tiles_pruned > 0.1 * stats.tiles_total
+        _check_all(got, _naive64(q, k, v, g, do, cu=cu), 1e-4)
+    else:  # the block primitive's checks (forward, backward, pruning counts, empty rows) with the pipeline on
+        test_block_primitive(causal=False, acp=True)
+        test_block_primitive(causal=True, acp=False)
+        q, k, v, cq, ck, offset, do = _block_inputs(2, 96, 131, 2, 1, 16, False, seed=23, gate_bias=5.0)
+        o, lse = foxkernels.block_attention_fwd(q, k, v, cq, ck, offset, scale=0.25, causal=False, tile=32)
+        ro, rl = ref_block.block_attention_fwd(q.double(), k.double(), v.double(), cq, ck, offset, scale=0.25,
+                                               causal=False, tile=32)
+        assert _rel(o, ro) < 2e-5 and _rel(lse, rl) < 2e-5
+        dlt = (do.double() * ro).sum(-1)
+        got = foxkernels.block_attention_bwd(do, q, k, v, cq, ck, offset, lse, dlt.float(), scale=0.25, causal=False,
+                                             tile=32)
+        ref = ref_block.block_attention_bwd(do.double(), q.double(), k.double(), v.double(), cq, ck, offset,
+                                            rl.double(), dlt, scale=0.25, causal=False, tile=32)
+        for name, a, r in zip(["dq", "dk", "dv", "dck"], got, ref):
+            assert _rel(a, r) < 3e-5, name
