@@ -166,6 +166,16 @@ ms dense (same run).
   under ACP: all slower. Profile (T32k D128, per fwd+bwd): dense fwd 10.9 / dq 11.6 / dkdv 22.0 ms;
   ACP on mixed gates 3.6 / 3.9 / 6.8 ms with 68% of units pruned, so ACP time scales with the kept work
   (dkdv a little better than that, the forward 3% worse at 64k); what remains is kernel speed.
+* **Software-pipelined wgmma, tried and rejected** (``ff358a9``, same-run A/B on the H200,
+  ``bench/results/attention-h200-2026-12-04-ab-pipe.json``). Triton issues a ``tl.dot`` asynchronously only if
+  its result feeds nothing but the loop's yield and the previous iteration's value is first used after a
+  synchronous dot's wait (its ``WGMMAPipeline``). Carrying the next key tile's ``q.k`` across trips (forward:
+  ``P V`` of the previous tile first and synchronous, then the next ``q.k`` asynchronous, then this tile's
+  softmax) or the next ``do.v`` (dq) met those rules: the TTGIR showed the carried dot async with no wait in
+  the loop, registers 246-255 without spills in the loops. Measured: forward +9 to +27% (T32k D128 10.6 ->
+  13.4 ms), fwd+bwd with the dq loop pipelined +6 to +8%. The synchronous ``P V`` (or ``q.k``) it needs costs
+  more than the overlap gains (not profiled further; a likely reason is that with two warpgroups per CTA one's
+  softmax already overlaps the other's wgmma).
 
 Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
 lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100
@@ -346,68 +356,13 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_m,
 
 
 @triton.jit
-def _kv_tile(j0, K, V, KD, VD, ks, hk, offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, TMA: tl.constexpr, D: tl.constexpr):
-    """Whole (unmasked) key tile ``kT [D, BN]`` and value tile ``[BN, D]`` at in-document row ``j0``. ``K, V``
-    point at the document's first row and the kv head already; the descriptors take ``ks, hk``."""
-    kn = j0 + offs_n
-    if TMA:
-        kT = tl.trans(KD.load([ks.to(tl.int32) + j0, hk * D]))
-        vv = VD.load([ks.to(tl.int32) + j0, hk * D])
-    else:
-        kT = tl.load(K + kn[None, :] * s_k_t + offs_d[:, None])
-        vv = tl.load(V + kn[:, None] * s_v_t + offs_d[None, :])
-    return kT, vv
-
-
-@triton.jit
-def _fwd_tile_pipe(acc, l_i, m_i, q, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_n, offs_d,
-                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
-                   BN: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
-    """Whole key tiles ``[lo, hi)`` (``hi - lo`` a multiple of BN) with the next tile's ``q.k`` in flight on
-    the tensor cores while this tile's softmax runs (``FOXKERNELS_FWD_PIPE=1``).
-
-    Triton waits on a ``tl.dot`` at once unless its result only feeds the loop's yield and every use of the
-    previous iteration's value comes after a synchronous dot's wait (triton's ``WGMMAPipeline``). So each
-    trip first issues the *previous* tile's ``P V`` (synchronous: ``acc`` is rescaled before it), then the
-    next tile's ``q.k`` (asynchronous: carried to the next trip), then this tile's softmax, which overlaps
-    that ``q.k``. Extra work: one ``P V`` with ``P = 0`` on the first trip and one unused ``q.k`` on the last.
-    """
-    n = (hi - lo) // BN
-    if n > 0:
-        kT, vv = _kv_tile(lo, K, V, KD, VD, ks, hk, offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, TMA, D)
-        qk = tl.dot(q, kT)
-        p = tl.zeros(qk.shape, tl.float32)  # carried in fp32: a carried bf16 P went through shared memory
-        alpha = tl.full(m_i.shape, 1.0, tl.float32)
-        last = lo + (n - 1) * BN
-        for it in range(0, n):
-            j0 = lo + it * BN
-            kT, vv = _kv_tile(tl.maximum(j0 - BN, lo), K, V, KD, VD, ks, hk, offs_n, offs_d, s_k_t, s_k_h, s_v_t,
-                              s_v_h, TMA, D)
-            acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
-            kT, vv = _kv_tile(tl.minimum(j0 + BN, last), K, V, KD, VD, ks, hk, offs_n, offs_d, s_k_t, s_k_h, s_v_t,
-                              s_v_h, TMA, D)
-            qk_next = tl.dot(q, kT)
-            colb = _col_term(CK, BK, bq, ks, lk, h, j0, j0 + offs_n, s_ck_t, s_ck_h, s_bk_t, s_bk_h, False, DMODE)
-            s = qk * sm_scale2 - colb[None, :]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-            qk = qk_next
-        kT, vv = _kv_tile(last, K, V, KD, VD, ks, hk, offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, TMA, D)
-        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
                 s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_o_t, s_o_h,
                 s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                 sm_scale2, max_units, H, GROUP,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-                KD, VD, PIPE: tl.constexpr):
+                KD, VD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -436,17 +391,10 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
         m_i = tl.full([BM], -1.0e30, tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        if PIPE:
-            acc, l_i, m_i = _fwd_tile_pipe(acc, l_i, m_i, q, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h,
-                                           KD, VD, CK + ks * s_ck_t + h * s_ck_h,
-                                           BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_n, offs_d,
-                                           s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo,
-                                           tl.maximum(hi_full, lo), sm_scale2, BN, DMODE, TMA, D)
-        else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD,
-                                      CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h,
-                                      offs_m, offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t,
-                                      s_bk_h, lo, hi_full, sm_scale2, BN, False, CAUSAL, DMODE, TMA, D, USE_ACP)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD,
+                                  CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+                                  s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full,
+                                  sm_scale2, BN, False, CAUSAL, DMODE, TMA, D, USE_ACP)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                                   s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
@@ -529,41 +477,13 @@ def _dq_tile(dq, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs
 
 
 @triton.jit
-def _dq_tile_pipe(dq, q, do, lse2r, di, K, V, KD, VD, CK, BK, bq, ks, lk, hk, h, offs_n, offs_d,
-                  s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi, sm_scale2,
-                  BN: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
-    """Whole key tiles ``[lo, hi)`` with the next tile's ``do.v`` in flight while this tile's ``p`` and
-    ``ds`` are formed (``FOXKERNELS_DQ_PIPE=1``; the rule that makes it asynchronous: :func:`_fwd_tile_pipe`).
-    ``q.k`` stays synchronous and first, so only one K and one V tile are read per trip. Extra work: one
-    unused ``do.v`` on the last trip."""
-    n = (hi - lo) // BN
-    if n > 0:
-        kT, vv = _kv_tile(lo, K, V, KD, VD, ks, hk, offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, TMA, D)
-        dp = tl.dot(do, tl.trans(vv))
-        last = lo + (n - 1) * BN
-        for it in range(0, n):
-            j0 = lo + it * BN
-            kT, vv = _kv_tile(j0, K, V, KD, VD, ks, hk, offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, TMA, D)
-            qk = tl.dot(q, kT)
-            kT2, vv = _kv_tile(tl.minimum(j0 + BN, last), K, V, KD, VD, ks, hk, offs_n, offs_d, s_k_t, s_k_h,
-                               s_v_t, s_v_h, TMA, D)
-            dp_next = tl.dot(do, tl.trans(vv))
-            colb = _col_term(CK, BK, bq, ks, lk, h, j0, j0 + offs_n, s_ck_t, s_ck_h, s_bk_t, s_bk_h, False, DMODE)
-            p = tl.exp2(qk * sm_scale2 - colb[None, :] - lse2r[:, None])
-            ds = p * (dp - di[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
-            dp = dp_next
-    return dq
-
-
-@triton.jit
 def _dq_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
                s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_do_t, s_do_h, s_dq_t, s_dq_h,
                s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                sm_scale, sm_scale2, max_units, H, GROUP,
                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-               KD, VD, PIPE: tl.constexpr):
+               KD, VD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -593,16 +513,10 @@ def _dq_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
             hi_full = (lk // BN) * BN
             hi = lk
         dq = tl.zeros([BM, D], tl.float32)
-        if PIPE:
-            dq = _dq_tile_pipe(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
-                               CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h,
-                               offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo,
-                               tl.maximum(hi_full, lo), sm_scale2, BN, DMODE, TMA, D)
-        else:
-            dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
-                          CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m,
-                          offs_n, offs_d, s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full,
-                          sm_scale2, BN, False, CAUSAL, DMODE, TMA, D, USE_ACP)
+        dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
+                                  CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
+                      s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, lo, hi_full, sm_scale2,
+                      BN, False, CAUSAL, DMODE, TMA, D, USE_ACP)
         dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,
                       s_k_t, s_k_h, s_v_t, s_v_h, s_ck_t, s_ck_h, s_bk_t, s_bk_h, tl.maximum(hi_full, lo), hi,
@@ -740,13 +654,6 @@ def _dkdv_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, C
 # ----------------------------------------------------------------------------------------------
 def _dmode() -> int:
     return int(os.environ.get("FOXKERNELS_DECAY_MODE", "1"))
-
-
-def _pipe(kernel: str) -> bool:
-    """``FOXKERNELS_FWD_PIPE=1`` / ``FOXKERNELS_DQ_PIPE=1``: the kernel's whole key tiles go through
-    :func:`_fwd_tile_pipe` / :func:`_dq_tile_pipe` (a tile's elementwise work overlaps the next tile's
-    wgmma). A/B: ``foxdist bench attention --ab FWD_PIPE=0 FWD_PIPE=1``."""
-    return os.environ.get(f"FOXKERNELS_{kernel.upper()}_PIPE", "0") == "1"
 
 
 def _use_tma(kernel: str, *xs) -> bool:
@@ -956,7 +863,7 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E, plan.max_units, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, PIPE=_pipe("fwd"), num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -1000,7 +907,7 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, PIPE=_pipe("dq"), num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
