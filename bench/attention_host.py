@@ -1,12 +1,13 @@
 """Host overhead of one single-device attention call (forward, backward), and a bitwise A/B.
 
-Loads a second copy of the kernel module (``--old``, e.g. ``git show REV:kernels/foxkernels/attention.py``)
+Loads a second copy of the kernel package (``--old DIR``, a copy of ``kernels/foxkernels`` at a previous revision)
 and checks that o, lse, dq, dk, dv, dg and the ACP tile counts of the current module equal it bit for bit
 (dense, ACP, B = 2, packed documents). Then it times, per call, the host time from the call to its return
 (the GPU is idle when the call starts: a synchronize before each call), forward and backward separately,
 and optionally writes a CPU-self-time profile.
 
-    PYTHONPATH=kernels:. python bench/attention_host.py --old /tmp/attention_old.py --out results.json
+    mkdir -p /tmp/old && git archive REV kernels/foxkernels | tar -x -C /tmp/old && mv /tmp/old/kernels/foxkernels /tmp/old/foxkernels_old
+    PYTHONPATH=kernels:. python bench/attention_host.py --old /tmp/old/foxkernels_old --out results.json
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from foxdist.ops.acp import AcpStats, acp_threshold
 
 
 def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
+    """The package copy at ``path`` imported as ``name``; returns its ``attention`` module."""
+    spec = importlib.util.spec_from_file_location(name, f"{path}/__init__.py", submodule_search_locations=[path])
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"{name}.attention")
 
 
 def inputs(b, t, h, d, dev, seed=0):
@@ -100,7 +102,7 @@ def host_times(mod, q, k, v, g, do, acp, reps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--old", required=True, help="path of the reference copy of kernels/foxkernels/attention.py")
+    p.add_argument("--old", required=True, help="directory of a copy of kernels/foxkernels at the reference revision")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, help="write a CPU self-time table here")
     p.add_argument("--t", type=int, default=4096)
@@ -109,7 +111,7 @@ def main():
     p.add_argument("--reps", type=int, default=100)
     args = p.parse_args()
     import foxkernels.attention as new
-    old = load(args.old, "foxkernels_attention_old")
+    old = load(args.old, "foxkernels_old")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     res = dict(command=" ".join(sys.argv), device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                torch=torch.__version__, triton=__import__("triton").__version__, t=args.t, h=args.h, d=args.d,

@@ -281,7 +281,7 @@ def test_no_nan_for_rows_without_keys():
 
 def test_offsets_guard():
     """32-bit in-document offsets: a document too long for them is refused, not silently wrapped."""
-    from foxkernels.attention import _check_offsets
+    from foxkernels.launch import _check_offsets
 
     class _P:
         max_q, max_k = 2 ** 21, 2 ** 21

@@ -1,12 +1,12 @@
-"""Same-run A/B of the attention kernels: a previous revision (module ``fk_old``) against the working tree.
+"""Same-run A/B of the attention kernels: a previous revision (package ``foxkernels_old``) against the working tree.
 
 Checks both against the fp32 blockwise reference (and against each other) on odd T, GQA, varlen and
 ACP, then times fwd+bwd (do_bench median, two interleaved rounds) of dense and ACP on near-1 and mixed
 gates, for each dkdv tile configuration given, next to SDPA's flash backend, and profiles one
 fwd+bwd per kernel. On a CUDA machine, from the repository root:
 
-    mkdir -p /tmp/ab && git show REV:kernels/foxkernels/attention.py > /tmp/ab/fk_old.py
-    PYTHONPATH=kernels:.:/tmp/ab python bench/ab/attention_ab.py OUTDIR "D64 dkdv configs" "D128 dkdv configs"
+    mkdir -p /tmp/old && git archive REV kernels/foxkernels | tar -x -C /tmp/old && mv /tmp/old/kernels/foxkernels /tmp/old/foxkernels_old
+    PYTHONPATH=kernels:.:/tmp/old python bench/ab/attention_ab.py OUTDIR "D64 dkdv configs" "D128 dkdv configs"
 
 Configs are ``BM,BN,warps,stages`` separated by ``;`` (the first is the one timed at T64k).
 Writes ``OUTDIR/ab.json`` and prints a table.
@@ -14,7 +14,7 @@ Writes ``OUTDIR/ab.json`` and prints a table.
 import json, math, os, sys
 import torch, triton
 import torch.nn.functional as F
-import fk_old as OLD
+import foxkernels_old.attention as OLD
 import foxkernels.attention as NEW
 from foxdist.ops import acp_threshold, qk_bound, forgetting_attention as fa_ops
 from bench.attention import env_set, gates as _gates, rel

@@ -1,12 +1,12 @@
 """Same-run A/B: the dense dq (and D128 forward) kernel through the ACP-table path or not
-(``FOXKERNELS_FORCE_TABLE``), next to a previous revision (module ``fk_old``, see attention_ab.py).
+(``FOXKERNELS_FORCE_TABLE``), next to a previous revision (package ``foxkernels_old``, see attention_ab.py).
 
     PYTHONPATH=kernels:.:/tmp/ab python bench/ab/attention_ab_table.py OUTDIR
 """
 import json, math, os, sys
 import torch, triton
 import torch.nn.functional as F
-import fk_old as OLD
+import foxkernels_old.attention as OLD
 import foxkernels.attention as NEW
 from foxdist.ops import acp_threshold, qk_bound
 dev = "cuda"

@@ -2,9 +2,7 @@
 bench/attention.py's ab(): dense, ACP on mixed and on near-1 gates, interleaved rounds. On a CUDA machine,
 from the repository root:
 
-    mkdir -p /tmp/old/foxkernels_old
-    git show REV:kernels/foxkernels/__init__.py > /tmp/old/foxkernels_old/__init__.py
-    git show REV:kernels/foxkernels/attention.py > /tmp/old/foxkernels_old/attention.py
+    mkdir -p /tmp/old && git archive REV kernels/foxkernels | tar -x -C /tmp/old && mv /tmp/old/kernels/foxkernels /tmp/old/foxkernels_old
     OLD=/tmp/old ROUNDS=2 OUT=DIR PYTHONPATH=kernels:. python3 bench/ab/revision_ab.py [SHAPE ...]
 
 Writes DIR/ab_old_new.json ("IMPL=old" is REV, "IMPL=new" the working tree).
