@@ -289,27 +289,3 @@ def test_offsets_guard():
         _check_offsets(_P(), torch.empty(4, 2048))
     _P.max_q = _P.max_k = 2 ** 19
     _check_offsets(_P(), torch.empty(4, 2048))
-
-
-@pytest.mark.parametrize("case", ["dense_gqa", "acp_varlen_gqa", "block"])
-def test_fused_dq(monkeypatch, case):
-    """FOXKERNELS_DQ=fused (dq accumulated by the dkdv kernel through atomics, no dq kernel) gives the fp64
-    reference's gradients: dense GQA with many key tiles of weight (slow forgetting), ACP on varlen GQA, the
-    causal and non-causal block primitive."""
-    monkeypatch.setenv("FOXKERNELS_DQ", "fused")
-    if case == "dense_gqa":
-        q, k, v, g, do = _inputs(1, 203, 4, 2, 32, torch.float32, gate_bias=5.0, seed=31)
-        got = _grads(lambda *x: foxkernels.forgetting_attention(*x, return_lse=True, tile=32), q, k, v, g, do)
-        _check_all(got, _naive64(q, k, v, g, do), 2e-5)
-    elif case == "acp_varlen_gqa":
-        cu = torch.tensor([0, 5, 70, 71, 203], dtype=torch.int32)
-        q, k, v, g, do = _inputs(1, 203, 4, 2, 32, torch.float32, gate_bias=-0.5, seed=32)
-        delta = acp_threshold(EPS, qk_bound(q, k, 32 ** -0.5), 203)
-        st = AcpStats()
-        got = _grads(lambda *x: foxkernels.forgetting_attention(*x, cu_seqlens=cu, acp_delta=delta, stats=st,
-                                                                return_lse=True, tile=32), q, k, v, g, do)
-        assert st.tiles_pruned > 0
-        _check_all(got, _naive64(q, k, v, g, do, cu=cu), 1e-4)
-    else:
-        test_block_primitive(causal=True, acp=False)
-        test_block_primitive(causal=False, acp=True)

@@ -181,6 +181,17 @@ ms dense (same run).
   13.4 ms), fwd+bwd with the dq loop pipelined +6 to +8%. The synchronous ``P V`` (or ``q.k``) it needs costs
   more than the overlap gains (not profiled further; a likely reason is that with two warpgroups per CTA one's
   softmax already overlaps the other's wgmma).
+* **dq accumulated in the dkdv kernel, tried and rejected** (``FOXKERNELS_DQ=fused`` at ``ab78ec8``; same-run
+  A/B on the H200, ``bench/results/attention-h200-2026-12-04-ab-fused-dq.json``). FA3's backward: no dq kernel (which recomputes ``q.k`` and ``do.v``, two of the backward's seven GEMMs); the dkdv
+  kernel forms each tile's ``dq^T = k^T ds^T`` ([D, BM], since wgmma needs 64 rows and BM is 32) and adds it
+  into an fp32 ``[H * D, N]`` buffer with a TMA reduction (``tensor_descriptor.atomic_add``, one
+  ``UTMAREDG.2D.ADD`` per trip). Offline compile: D64 main loop 272 -> 323 instructions without spills, D128
+  476 with 27 spill instructions per trip (the [128, 32] fp32 tile on top of dk and dv at 255 registers).
+  Measured fwd+bwd: D64 +1.2 / +3.8 / +1.2% (dense / ACP mixed / near-1), D128 +17 to +31%. So the extra GEMM
+  and the reductions (13 GB per fwd+bwd at T16k D64) cost more than the dq kernel they replace, and at D128 the
+  spills make it much worse. The
+  GPU check also hit an illegal-instruction error on its varlen case (not investigated, as the path was
+  dropped); the dense and ACP cases matched the dq kernel's errors. Not deterministic either.
 
 Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
 lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100

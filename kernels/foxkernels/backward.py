@@ -125,7 +125,7 @@ def _dq_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
 @triton.jit
 def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n,
                offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM: tl.constexpr,
-               MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, DQA, s_dqa, FUSED: tl.constexpr):
+               MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr):
     """One trip of :func:`_dkdv_tile` at row/column i0."""
     offs_m = i0 + offs_m0
     # Q, DO, LSE2, DELTA, BQ point at this document's first row and this head already:
@@ -161,23 +161,13 @@ def _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk, 
     dsT = pT * (dpT - di[None, :])
     dk = dk + tl.dot(dsT.to(qT.dtype), tl.trans(qT))
     dc = dc - tl.sum(dsT, 1)
-    if FUSED:
-        # this key tile's share of dq for these query rows, transposed ([D, BM]: wgmma needs 64 rows and BM
-        # is 32), added into an fp32 [H * D, Nq] buffer; rows past the document end carry dsT = 0
-        dqT = tl.dot(tl.trans(k), dsT.to(k.dtype))
-        if FUSED == 2:  # TMA reduction (Hopper): one bulk add per tile
-            DQA.atomic_add([h * D, qs.to(tl.int32) + i0], dqT)
-        else:  # pointer atomics (the interpreter has no TMA reduction); DQA points at this head and document
-            offs_m = i0 + offs_m0
-            tl.atomic_add(DQA + offs_d[:, None] * s_dqa + offs_m[None, :], dqT, mask=(offs_m < lq)[None, :])
     return dk, dv, dc
 
 
 @triton.jit
 def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk, qs, lq, h, offs_m0, offs_n, offs_d,
                s_q_t, s_q_h, s_do_t, s_do_h, s_bq_t, s_bq_h, s_l_t, s_l_h, lo, hi, sm_scale2,
-               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr,
-               DQA, s_dqa, FUSED: tl.constexpr):
+               BM: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, TRIPS: tl.constexpr):
     """MODE 0: whole query tiles below the key tile (no masks at all); 1: the causal diagonal (row
     and causal masks); 2: a partial last query tile (row mask only)."""
     # TRIPS (the ACP table path, whose loop bounds are loaded): count trips from 0. With a loaded
@@ -187,12 +177,12 @@ def _dkdv_tile(dk, dv, dc, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk, qs, 
         for it in range(0, (hi - lo + BM - 1) // BM):
             dk, dv, dc = _dkdv_step(dk, dv, dc, lo + it * BM, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk,
                                     qs, lq, h, offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D, DQA, s_dqa, FUSED)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D)
     else:
         for i0 in range(lo, hi, BM):
             dk, dv, dc = _dkdv_step(dk, dv, dc, i0, k, v, col2, Q, DO, QD, DOD, BQ, LSE2, DELTA, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h, s_bq_t,
-                                    s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D, DQA, s_dqa, FUSED)
+                                    s_bq_h, s_l_t, s_l_h, sm_scale2, BM, MODE, TMA, D)
     return dk, dv, dc
 
 
@@ -202,8 +192,7 @@ def _dkdv_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, C
                  s_dc_t, s_dc_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                  sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD,
-                 DQA, s_dqa, FUSED: tl.constexpr):
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
@@ -233,15 +222,12 @@ def _dkdv_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, C
             Qh, DOh = Q + qs * s_q_t + h * s_q_h, DO + qs * s_do_t + h * s_do_h
             BQh = BQ + qs * s_bq_t + h * s_bq_h
             LSE2h, DELTAh = LSE2 + qs * s_l_t + h * s_l_h, DELTA + qs * s_l_t + h * s_l_h
-            DQAh = DQA
-            if FUSED == 1:
-                DQAh = DQA + h * D * s_dqa + qs
             if CAUSAL:
                 # diagonal: rows n0 .. n0+BN-1 see part of the tile
                 dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                         offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h,
                                         s_bq_t, s_bq_h, s_l_t, s_l_h, n0, tl.minimum(n0 + BN, end), sm_scale2,
-                                        BM, 1, TMA, D, USE_ACP, DQAh, s_dqa, FUSED)
+                                        BM, 1, TMA, D, USE_ACP)
                 start = n0 + BN
             else:
                 start = 0
@@ -249,10 +235,10 @@ def _dkdv_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, C
             mid = tl.maximum(start, tl.minimum(end, (lq // BM) * BM))
             dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D, USE_ACP, DQAh, s_dqa, FUSED)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, start, mid, sm_scale2, BM, 0, TMA, D, USE_ACP)
             dk, dv, dc = _dkdv_tile(dk, dv, dc, k, v, col2, Qh, DOh, QD, DOD, BQh, LSE2h, DELTAh, bk, qs, lq, h,
                                     offs_m0, offs_n, offs_d, s_q_t, s_q_h, s_do_t, s_do_h,
-                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D, USE_ACP, DQAh, s_dqa, FUSED)
+                                    s_bq_t, s_bq_h, s_l_t, s_l_h, mid, end, sm_scale2, BM, 2, TMA, D, USE_ACP)
             tl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
         tl.store(DK + (ks + offs_n)[:, None] * s_dk_t + hk * s_dk_h + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask[:, None])

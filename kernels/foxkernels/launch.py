@@ -19,12 +19,6 @@ def _dmode() -> int:
     return int(os.environ.get("FOXKERNELS_DECAY_MODE", "1"))
 
 
-def _fused_dq() -> int:
-    """``FOXKERNELS_DQ=fused``: no dq kernel; the dkdv kernel adds each tile's ``ds k`` into an fp32 buffer
-    (TMA reductions on Hopper, pointer atomics elsewhere), FA3's backward. A/B: ``--ab DQ=kernel DQ=fused``."""
-    return int(os.environ.get("FOXKERNELS_DQ", "kernel") == "fused")
-
-
 def _use_tma(kernel: str, *xs) -> bool:
     """Whole tiles of the streamed operand (K, V in fwd and dq; Q, dO in dkdv) through TMA descriptors.
 
@@ -269,38 +263,24 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
                plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1),
                lse2.stride(0), lse2.stride(1), scale, scale * LOG2E)
     common = (*strides, plan.max_units, h, h // hkv)
-    fused = _fused_dq()
-    if not fused:
-        bm, bn, warps, stages = cfg["dq"]
-        tma, (kd, vd) = _tma_operands("dq", bn, k, v)
-        _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
-            q, k, v, do, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dq.stride(0), dq.stride(1), *common,
-            D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-            TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = cfg["dq"]
+    tma, (kd, vd) = _tma_operands("dq", bn, k, v)
+    _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
+        q, k, v, do, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1), *common,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
-    dqa, s_dqa, dqa_arg = lse2, 0, lse2
-    if fused:
-        # fp32 dq accumulator [H * D, Nq]; rows padded to 16 bytes for a TMA descriptor
-        s_dqa = -(-nq_tok // 4) * 4
-        dqa = torch.zeros((h * d, s_dqa), dtype=torch.float32, device=q.device)
-        dqa_arg = dqa
-        if q.is_cuda and _capability(q.device.index)[0] >= 9:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-            dqa_arg = TensorDescriptor(dqa, [h * d, nq_tok], [s_dqa, 1], [d, bm])
-            fused = 2
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
         q, k, v, do, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-        TMA=tma, QD=qd, DOD=dod, DQA=dqa_arg, s_dqa=s_dqa, FUSED=fused, num_warps=warps, num_stages=stages)
-    if fused:
-        dq.copy_((dqa[:, :nq_tok].view(h, d, nq_tok).permute(2, 0, 1) * scale))
+        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
