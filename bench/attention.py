@@ -415,15 +415,20 @@ def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
 
 
 def _git_commit() -> str:
-    """``FOXDIST_COMMIT`` if set (a copied working tree has no .git), else ``git rev-parse --short HEAD``."""
+    """``FOXDIST_COMMIT`` if set (a copied working tree may carry no .git, or a stale one: pass it there),
+    else ``git rev-parse --short HEAD`` with ``-dirty`` when tracked files differ from that commit."""
     env = os.environ.get("FOXDIST_COMMIT")
     if env:
         return env
     import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or "?"
+                             cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=30, cwd=here)
+        rev = out.stdout.strip() or "?"
+        return rev + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "?"
 
