@@ -195,17 +195,17 @@ ms dense (same run).
 
 Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
 lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100
-runs within 1-3%). Full run at ``151b454`` (``bench/results/attention-h200-2026-12-04-151b454.json``): ours dense
-10.5 / 41.6 / 165; SDPA flash backend, same run, 10.3 / 47.2 / 189 (ratio 1.02 / 0.88 / 0.87); SDPA's default
-(cuDNN) 6.8 / 29.3 / 113 (ratio 1.54 / 1.42 / 1.46); FLA 0.6.0 21.4 / 74.1 / 295; ACP on near-1 gates -0.2 /
-+0.1 / +0.9% against dense on the same gates; ACP on mixed gates 4.44 / 14.32 / 42.92, then 4.35 / 14.18 / 42.14
-with the row statistic formed once (same-run A/B), i.e. 0.59 / 0.78 / 0.78 of the official kernel's ACP times
-(7.33 / 18.10 / 54.18, H100, from the issue). Profile (T64k, ms per fwd+bwd): dense fwd 43.1 / dq 49.0 / dkdv
-76.0; ACP on mixed gates 10.7 / 12.1 / 19.0 with 76% of units pruned. In matmul terms (T32k D128 dense) the
-forward runs at ~410 TFLOP/s, dq at ~540, dkdv at ~470 (bf16 peak ~990); cuDNN's whole fwd+bwd, counting five
-backward GEMMs, at ~530. The gap to cuDNN is the kernel's matmul efficiency (no warp specialisation, and two
-recomputed GEMMs in the atomics-free backward), not the decay: without any decay term the same kernel was only
-8-15% faster.
+runs within 1-3%). Full run at ``43b122b`` (``bench/results/attention-h200-2026-12-04-43b122b.json``): ours dense
+10.2 / 40.8 / 161; SDPA flash backend, same run, 10.3 / 46.9 / 186 (ratio 0.99 / 0.87 / 0.86); SDPA's default
+(cuDNN) 6.7 / 28.6 / 110 (ratio 1.52 / 1.43 / 1.47); FLA 0.6.0 21.4 / 74.5 / 295; ACP on near-1 gates -0.4 /
++0.7 / +0.5% against dense on the same gates; ACP on mixed gates 4.29 / 14.02 / 41.40, i.e. 0.59 / 0.77 / 0.76 of
+the official kernel's ACP times (7.33 / 18.10 / 54.18, H100, from the issue). Profile (T64k, ms per fwd+bwd):
+dense fwd 42.0 / dq 47.3 / dkdv 75.1; ACP on mixed gates 10.5 / 11.8 / 18.3 with 76% of units pruned. In matmul
+terms (T32k D128 dense) the forward runs at ~420 TFLOP/s, dq at ~550, dkdv at ~480 (bf16 peak ~990); cuDNN's
+whole fwd+bwd, counting five backward GEMMs, at ~550. The gap to cuDNN is the kernel's matmul efficiency, not the
+decay: without any decay term the same kernel was only 8-15% faster. Closing it needs what Triton's ``tl.dot``
+does not give on Hopper (both tries above failed): wgmma kept in flight across the softmax with warp-specialised
+producer and consumer warpgroups (FA3), e.g. through Triton's Gluon dialect.
 """
 
 
