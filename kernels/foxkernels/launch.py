@@ -217,6 +217,11 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         bound, use_acp = plan.zero_table(), True
     if bound is None:
         bound = lse  # dummy pointer when ACP is off
+    if os.environ.get("FOXKERNELS_FWD") == "gluon":
+        from .gluon_fwd import gluon_fwd, gluon_fwd_supported  # experimental, GPU only
+        if gluon_fwd_supported(q, k, plan.causal, plan.tile):
+            gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp)
+            return o, lse
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
     tma, (kd, vd) = _tma_operands("fwd", bn, k, v)
     _fwd_kernel[grid](

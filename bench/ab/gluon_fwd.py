@@ -1,0 +1,67 @@
+"""Experimental Gluon forward (``FOXKERNELS_FWD=gluon``) against the Triton forward on one Hopper GPU.
+
+Checks o and lse of the Gluon kernel against the Triton kernel's (relative error; bf16, mixed gates, odd T,
+varlen + GQA, ACP), then times the forward (do_bench median, two interleaved rounds) at the issue's shapes,
+dense and with ACP on mixed gates. From the repository root:
+
+    FOXDIST_COMMIT=$(git rev-parse --short HEAD) PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py OUTDIR
+
+Writes ``OUTDIR/gluon-fwd.json`` and prints a table.
+"""
+import json, math, os, sys, time
+
+import torch
+import triton
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), "kernels", "."]
+import attention as B  # noqa: E402  bench/attention.py
+import foxkernels  # noqa: E402
+from foxdist.ops import acp_threshold, qk_bound  # noqa: E402
+
+out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
+dev = "cuda"
+gen = torch.Generator(device=dev).manual_seed(3)
+res = dict(command="PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py " + " ".join(sys.argv[1:]),
+           device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+           date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=B._git_commit(), checks=[], timings={})
+
+
+def fwd(env, *args, **kw):
+    with B.env_set({"FOXKERNELS_FWD": env}):
+        with torch.no_grad():
+            return foxkernels.forgetting_attention(*args, return_lse=True, **kw)
+
+
+cases = [(1000, 4, 4, 128, None, False), (3001, 4, 2, 64, None, True), (4096, 4, 2, 128, "varlen", True),
+         (16384, 2, 2, 128, None, True), (8192, 4, 4, 64, "varlen", False)]
+for t, h, hkv, d, varlen, acp in cases:
+    q = torch.randn(1, t, h, d, device=dev, generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, t, hkv, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    g = B.gates(t, h, "mixed", dev, gen)
+    cu = torch.tensor([0, 1, t // 3, t // 3 + 77, t], dtype=torch.int32) if varlen else None
+    delta = acp_threshold(B.EPS, qk_bound(q, k, d ** -0.5), t).to(dev) if acp else None
+    kw = dict(cu_seqlens=cu, acp_delta=delta)
+    o_t, l_t = fwd("triton", q, k, v, g, **kw)
+    o_g, l_g = fwd("gluon", q, k, v, g, **kw)
+    row = dict(T=t, H=h, Hkv=hkv, D=d, varlen=bool(varlen), acp=acp, o=B.rel(o_g, o_t), lse=B.rel(l_g, l_t))
+    res["checks"].append(row)
+    print("check", row, flush=True)
+
+for name, (t, h, d) in B.SHAPES.items():
+    q, k, v = (torch.randn(1, t, h, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    g = B.gates(t, h, "mixed", dev, gen)
+    delta = acp_threshold(B.EPS, qk_bound(q, k, d ** -0.5), t).to(dev)
+    for case, dl in (("dense", None), ("acp_mixed", delta)):
+        times = {"triton": [], "gluon": []}
+        for _ in range(2):
+            for env in times:
+                with B.env_set({"FOXKERNELS_FWD": env}):
+                    times[env].append(B.bench(lambda: foxkernels.forgetting_attention(q, k, v, g, acp_delta=dl)))
+        med = {e: sorted(x)[len(x) // 2] for e, x in times.items()}
+        res["timings"][f"{name}/{case}"] = med
+        print(f"{name:14s} {case:9s} triton {med['triton']:8.3f}  gluon {med['gluon']:8.3f}  "
+              f"ratio {med['gluon'] / med['triton']:.3f}", flush=True)
+    del q, k, v
+    torch.cuda.empty_cache()
+os.makedirs(out_dir, exist_ok=True)
+json.dump(res, open(os.path.join(out_dir, "gluon-fwd.json"), "w"), indent=1)

@@ -1,0 +1,194 @@
+"""Experimental Hopper forward in Triton's Gluon dialect (``FOXKERNELS_FWD=gluon``; GPU only).
+
+Why: Triton's ``tl.dot`` waits on every wgmma whose result the loop body uses, so a tile's softmax never
+overlaps the tensor cores within a warpgroup (kernel header of :mod:`foxkernels.attention`, "Software-pipelined
+wgmma"). Gluon exposes ``warpgroup_mma(is_async=True)`` and ``warpgroup_mma_wait(num_outstanding)``, which
+allow FA3's in-warpgroup schedule: per key tile j
+
+1. issue ``S_{j+1} = q k_{j+1}^T`` (asynchronous),
+2. softmax of ``S_j`` (overlaps 1 and the previous ``P V``),
+3. wait until only ``S_{j+1}`` is outstanding (``P_{j-1} V_{j-1}`` done), rescale ``acc``,
+4. issue ``acc += P_j V_j`` (asynchronous), wait for ``S_{j+1}``,
+
+with K and V tiles arriving by TMA into an ``NB``-slot ring guarded by mbarriers. Same math and inputs as
+:func:`foxkernels.forward._fwd_kernel` (tile-local prefix sums plus an fp64 base per tile, ACP bound table),
+causal self-attention only; the caller falls back to the Triton kernel otherwise. Gluon kernels do not run
+under ``TRITON_INTERPRET``, so this path is checked on the GPU by ``bench/attention.py`` (its correctness
+check and ``--ab FWD=triton FWD=gluon``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_init
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, t, lo, n, ks, hk,
+             BN: gl.constexpr, D: gl.constexpr, NB: gl.constexpr):
+    """TMA loads of key tile ``t`` (in-document rows ``lo + t * BN``) into ring slot ``t % NB``; no-op if t >= n."""
+    s = t % NB
+    ok = t < n
+    row = ks + lo + t * BN
+    mbarrier.expect(kbar.index(s), k_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(k_desc, [row, hk * D], kbar.index(s), k_smem.index(s), pred=ok)
+    mbarrier.expect(vbar.index(s), v_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(v_desc, [row, hk * D], vbar.index(s), v_smem.index(s), pred=ok)
+
+
+@gluon.jit
+def _softmax_tile(qk, m_i, l_i, CKh, bq, BKh, j0, i0, lk, s_ck_t, s_bk_t, sm_scale2,
+                  BM: gl.constexpr, BN: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr):
+    """Online softmax of one tile of raw ``q.k`` (log2 units, decay column term, causal mask on the diagonal)."""
+    kn = j0 + gl.arange(0, BN, layout=col_s)
+    ck = gl.load(CKh + kn * s_ck_t, mask=kn < lk, other=0.0)
+    dd = (bq - gl.load(BKh + j0 * s_bk_t)).to(gl.float32)
+    colb = (ck - dd) * 1.4426950408889634
+    s = qk * sm_scale2 - gl.expand_dims(colb, 0)
+    if j0 + BN > i0:  # a tile that reaches the diagonal
+        offs_m = i0 + gl.arange(0, BM, layout=row_s)
+        s = gl.where(gl.expand_dims(kn, 0) <= gl.expand_dims(offs_m, 1), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    p = gl.exp2(s - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
+                      s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+                      sm_scale2, max_units, H, GROUP,
+                      D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
+                      USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
+    pid = gl.program_id(0)
+    z = gl.program_id(1)
+    h = gl.program_id(2)
+    qs = gl.load(CU_Q + z)
+    lq = gl.load(CU_Q + z + 1) - qs
+    ks = gl.load(CU_K + z)
+    lk = gl.load(CU_K + z + 1) - ks
+    i0 = (gl.num_programs(0) - 1 - pid) * BM  # heaviest query tiles first
+    if i0 < lq:
+        hk = h // GROUP
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BN, 16])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+        row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+        col_o: gl.constexpr = gl.SliceLayout(0, mma_o)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [NB, BN, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NB, BN, D], v_desc.layout)
+        qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kbar = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        vbar = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qbar, count=1)
+        for s in gl.static_range(NB):
+            mbarrier.init(kbar.index(s), count=1)
+            mbarrier.init(vbar.index(s), count=1)
+
+        lo = 0
+        if USE_ACP:
+            lo = gl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
+        hi = gl.minimum(i0 + BM, lk)
+        n = (hi - lo + BN - 1) // BN  # >= 1: the diagonal tile is never pruned
+
+        mbarrier.expect(qbar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [qs + i0, h * D], qbar, q_smem)
+        for t in gl.static_range(NB - 1):
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, t, lo, n, ks, hk, BN, D, NB)
+
+        CKh = CK + ks * s_ck_t + h * s_ck_h
+        BKh = BK + ks * s_bk_t + h * s_bk_h
+        bq = gl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
+        m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
+        l_i = gl.zeros([BM], gl.float32, layout=row_s)
+        acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=mma_o))
+        zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
+
+        mbarrier.wait(qbar, 0)
+        mbarrier.wait(kbar.index(0), 0)
+        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+        for j in range(0, n - 1):
+            s_next = (j + 1) % NB
+            mbarrier.wait(kbar.index(s_next), ((j + 1) // NB) & 1)
+            qk_next = warpgroup_mma(q_smem, k_smem.index(s_next).permute((1, 0)), zero_s, use_acc=False,
+                                    is_async=True)
+            p, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, CKh, bq, BKh, lo + j * BN, i0, lk, s_ck_t, s_bk_t,
+                                               sm_scale2, BM, BN, row_s, col_s)
+            # P_{j-1} V_{j-1} is done once at most one group (S_{j+1}) is outstanding
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            # the slot of tile j-1 is free (its q.k and P V are done): refill it with tile j-1+NB
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, j + NB - 1, lo, n, ks, hk, BN, D, NB)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
+            pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_next, ))
+        j = n - 1
+        p, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, CKh, bq, BKh, lo + j * BN, i0, lk, s_ck_t, s_bk_t,
+                                           sm_scale2, BM, BN, row_s, col_s)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
+        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+        mbarrier.invalidate(qbar)
+        for s in gl.static_range(NB):
+            mbarrier.invalidate(kbar.index(s))
+            mbarrier.invalidate(vbar.index(s))
+
+        offs_m = i0 + gl.arange(0, BM, layout=row_s)
+        rmask = offs_m < lq
+        cq = gl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
+        has = l_i > 0.0
+        l_safe = gl.where(has, l_i, 1.0)
+        lse = gl.where(has, (m_i + gl.log2(l_safe) + cq * 1.4426950408889634) * 0.6931471805599453, float("-inf"))
+        gl.store(LSE + (qs + offs_m) * s_l_t + h * s_l_h, lse, mask=rmask)
+        o = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+        offs_mo = i0 + gl.arange(0, BM, layout=row_o)
+        offs_d = gl.arange(0, D, layout=col_o)
+        gl.store(O + gl.expand_dims((qs + offs_mo) * s_o_t + h * s_o_h, 1) + gl.expand_dims(offs_d, 0),
+                 o.to(O.dtype.element_ty), mask=gl.expand_dims(offs_mo < lq, 1))
+
+
+def gluon_fwd_supported(q, k, causal: bool, tile: int) -> bool:
+    """This path's limits: Hopper or newer, causal self-attention, bf16, head dim 64 or 128, rows of ``H * D``
+    contiguous elements (TMA), tiles of 128 (the query block) dividing the ACP unit."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and causal
+            and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.shape[-1] in (64, 128)
+            and tile % 128 == 0 and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k)))
+
+
+def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
+    """Launch :func:`_gluon_fwd_kernel` into ``o [Nq, H, D]`` and ``lse [Nq, H]`` (see :func:`foxkernels.launch._run_fwd`)."""
+    nq, h, d = q.shape
+    hkv = k.shape[1]
+    bm, bn, nb = 128, 64, 3
+
+    def desc(x, rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)
+        x2 = x.view(x.shape[0], x.shape[1] * d)
+        return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
+
+    grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
+    _gluon_fwd_kernel[grid](
+        desc(q, bm), desc(k, bn), desc(v, bn), plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound,
+        plan.cu_q, plan.cu_k, o.stride(0), o.stride(1),
+        plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
+        plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
+        scale * 1.4426950408889634, plan.max_units, h, h // hkv,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=8)
