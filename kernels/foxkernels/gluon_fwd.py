@@ -19,6 +19,8 @@ check and ``--ab FWD=triton FWD=gluon``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -42,15 +44,22 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, t, lo, n, ks, hk,
 
 
 @gluon.jit
-def _softmax_tile(qk, m_i, l_i, CKh, bq, BKh, j0, i0, lk, s_ck_t, s_bk_t, sm_scale2,
-                  BM: gl.constexpr, BN: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr):
-    """Online softmax of one tile of raw ``q.k`` (log2 units, decay column term, causal mask on the diagonal)."""
+def _col_term(CKh, bq, BKh, j0, lk, s_ck_t, s_bk_t, BN: gl.constexpr, col_s: gl.constexpr):
+    """``log2(e) * (ck_j - (base_q - base_k))`` of key tile j0 (masked at the document end)."""
     kn = j0 + gl.arange(0, BN, layout=col_s)
     ck = gl.load(CKh + kn * s_ck_t, mask=kn < lk, other=0.0)
     dd = (bq - gl.load(BKh + j0 * s_bk_t)).to(gl.float32)
-    colb = (ck - dd) * 1.4426950408889634
+    return (ck - dd) * 1.4426950408889634
+
+
+@gluon.jit
+def _softmax_tile(qk, colb, m_i, l_i, j0, i0, sm_scale2, BM: gl.constexpr, BN: gl.constexpr,
+                  row_s: gl.constexpr, col_s: gl.constexpr, MASK: gl.constexpr):
+    """Online softmax of one tile of raw ``q.k`` (log2 units, decay column term; MASK: the causal mask, for
+    tiles that reach the diagonal)."""
     s = qk * sm_scale2 - gl.expand_dims(colb, 0)
-    if j0 + BN > i0:  # a tile that reaches the diagonal
+    if MASK:
+        kn = j0 + gl.arange(0, BN, layout=col_s)
         offs_m = i0 + gl.arange(0, BM, layout=row_s)
         s = gl.where(gl.expand_dims(kn, 0) <= gl.expand_dims(offs_m, 1), s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1))
@@ -58,6 +67,30 @@ def _softmax_tile(qk, m_i, l_i, CKh, bq, BKh, j0, i0, lk, s_ck_t, s_bk_t, sm_sca
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s, CKh, bq, BKh, lo,
+          n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+          NB: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr, row_o: gl.constexpr,
+          p_layout: gl.constexpr, MASK: gl.constexpr):
+    """One trip for key tile j (which has a successor): S_{j+1} issued, softmax of S_j, P_j V_j issued. The next
+    tile's decay column is loaded here too, a trip before its use (its latency is not exposed)."""
+    s_next = (j + 1) % NB
+    mbarrier.wait(kbar.index(s_next), ((j + 1) // NB) & 1)
+    qk_next = warpgroup_mma(q_smem, k_smem.index(s_next).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    colb_next = _col_term(CKh, bq, BKh, lo + (j + 1) * BN, lk, s_ck_t, s_bk_t, BN, col_s)
+    p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s, MASK)
+    # P_{j-1} V_{j-1} is done once at most one group (S_{j+1}) is outstanding
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    # the slot of tile j-1 is free (its q.k and P V are done): refill it with tile j-1+NB
+    _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, j + NB - 1, lo, n, ks, hk, BN, D, NB)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+    mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
+    pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_next, ))
+    return qk, colb_next, acc, m_i, l_i
 
 
 @gluon.jit
@@ -120,25 +153,20 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
         mbarrier.wait(kbar.index(0), 0)
         qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        for j in range(0, n - 1):
-            s_next = (j + 1) % NB
-            mbarrier.wait(kbar.index(s_next), ((j + 1) // NB) & 1)
-            qk_next = warpgroup_mma(q_smem, k_smem.index(s_next).permute((1, 0)), zero_s, use_acc=False,
-                                    is_async=True)
-            p, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, CKh, bq, BKh, lo + j * BN, i0, lk, s_ck_t, s_bk_t,
-                                               sm_scale2, BM, BN, row_s, col_s)
-            # P_{j-1} V_{j-1} is done once at most one group (S_{j+1}) is outstanding
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            # the slot of tile j-1 is free (its q.k and P V are done): refill it with tile j-1+NB
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, j + NB - 1, lo, n, ks, hk, BN, D, NB)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
-            pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
-            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_next, ))
+        colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
+        # tiles wholly below the diagonal (and with a successor) need no mask: a loop without it
+        n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n - 1)
+        for j in range(0, n_main):
+            qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s,
+                                      CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM, BN, D, NB,
+                                      row_s, col_s, row_o, p_layout, False)
+        for j in range(n_main, n - 1):
+            qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s,
+                                      CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM, BN, D, NB,
+                                      row_s, col_s, row_o, p_layout, True)
         j = n - 1
-        p, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, CKh, bq, BKh, lo + j * BN, i0, lk, s_ck_t, s_bk_t,
-                                           sm_scale2, BM, BN, row_s, col_s)
+        p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s,
+                                           True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
@@ -177,7 +205,8 @@ def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
     """Launch :func:`_gluon_fwd_kernel` into ``o [Nq, H, D]`` and ``lse [Nq, H]`` (see :func:`foxkernels.launch._run_fwd`)."""
     nq, h, d = q.shape
     hkv = k.shape[1]
-    bm, bn, nb = 128, 64, 3
+    bm, bn, nb, warps = (int(x) for x in os.environ.get("FOXKERNELS_GLUON", "128,64,5,8").split(","))
+    assert bm == 16 * warps and plan.tile % bm == 0, (bm, warps)
 
     def desc(x, rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)
@@ -191,4 +220,4 @@ def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
         plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * 1.4426950408889634, plan.max_units, h, h // hkv,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=8)
+        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=warps)
