@@ -4,7 +4,8 @@ context-parallel block primitive.
 Layout: this module holds the entry points (:func:`forgetting_attention`, :func:`block_attention_fwd`,
 :func:`block_attention_bwd`) and their PyTorch glue; the kernels are in :mod:`foxkernels.forward`,
 :mod:`foxkernels.backward` and :mod:`foxkernels.acp` (shared helpers in :mod:`foxkernels.common`), their
-launches, tile configurations and A/B switches in :mod:`foxkernels.launch`. The notes below cover all of them.
+launches, tile configurations and A/B switches in :mod:`foxkernels.launch`; an experimental Gluon forward in
+:mod:`foxkernels.gluon_fwd`. The notes below cover all of them.
 
 Math. ``s_ij = scale q_i.k_j + c_i - c_j`` (``c`` = prefix sum of the log forget gate ``g <= 0``),
 causal (or full, for an off-diagonal context-parallel block), softmax over j, ``o_i = sum_j p_ij v_j``.
@@ -192,6 +193,12 @@ ms dense (same run).
   spills make it much worse. The
   GPU check also hit an illegal-instruction error on its varlen case (not investigated, as the path was
   dropped); the dense and ACP cases matched the dq kernel's errors. Not deterministic either.
+* **A Gluon forward, experimental** (:mod:`foxkernels.gluon_fwd`, ``FOXKERNELS_FWD=gluon``, off by default).
+  Gluon's explicit ``warpgroup_mma(is_async=True)`` / ``warpgroup_mma_wait`` give FA3's in-warpgroup overlap that
+  ``tl.dot`` cannot express. First form 1.5-1.7x the Triton forward's time (the decay column's load latency was
+  exposed every trip); with that load a trip ahead, 1.06-1.08x at D128 and 1.34x dense / 0.91x ACP at D64
+  (one warpgroup per CTA; two warpgroups 1.09-1.30x). Outputs bitwise equal to the Triton forward at D128. The
+  next step is warp specialisation (module docstring there).
 
 Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
 lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100
@@ -205,7 +212,7 @@ terms (T32k D128 dense) the forward runs at ~420 TFLOP/s, dq at ~550, dkdv at ~4
 whole fwd+bwd, counting five backward GEMMs, at ~550. The gap to cuDNN is the kernel's matmul efficiency, not the
 decay: without any decay term the same kernel was only 8-15% faster. Closing it needs what Triton's ``tl.dot``
 does not give on Hopper (both tries above failed): wgmma kept in flight across the softmax with warp-specialised
-producer and consumer warpgroups (FA3), e.g. through Triton's Gluon dialect.
+producer and consumer warpgroups (FA3), through Triton's Gluon dialect (the experimental forward above is the start).
 """
 
 

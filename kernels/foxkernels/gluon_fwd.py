@@ -10,11 +10,21 @@ allow FA3's in-warpgroup schedule: per key tile j
 3. wait until only ``S_{j+1}`` is outstanding (``P_{j-1} V_{j-1}`` done), rescale ``acc``,
 4. issue ``acc += P_j V_j`` (asynchronous), wait for ``S_{j+1}``,
 
-with K and V tiles arriving by TMA into an ``NB``-slot ring guarded by mbarriers. Same math and inputs as
+with K and V tiles arriving by TMA into an ``NB``-slot ring guarded by mbarriers. The next tile's decay column
+is loaded a trip ahead (loaded in the softmax, its latency was exposed: 1.5-1.7x the Triton forward's time,
+``bench/results/attention-h200-2026-12-04-gluon-fwd.json``).
+
+Measured on the H200 (``bench/results/attention-h200-2026-12-04-gluon-fwd-v2.json``, forward ms, Triton / Gluon
+with ``BM,BN,NB,warps = 64,64,3,4``, the default here: one warpgroup per CTA; two fit on an SM with 112 KB of shared memory and 250 registers): T16k D64 dense
+2.97 / 3.98, ACP mixed 1.29 / 1.17; T32k D128 dense 10.32 / 11.18, ACP 3.56 / 3.80; T64k D128 dense 41.9 / 45.1,
+ACP 10.6 / 11.3 (faster only at D64 with ACP). ``128,64,5,8`` (two warpgroups, a 5-slot ring) 1.09-1.30x, ``128,64,3,8`` 1.07-1.42x. Outputs
+are bitwise equal to the Triton forward's at D128 (the same tile order) and within 3e-4 at D64. So this is not
+faster yet; what it lacks against FA3 is warp specialisation (a producer warp for the TMA loads, and two consumer
+warpgroups taking turns on the tensor cores), which Gluon's ``gl.warp_specialize`` offers. Same math and inputs as
 :func:`foxkernels.forward._fwd_kernel` (tile-local prefix sums plus an fp64 base per tile, ACP bound table),
 causal self-attention only; the caller falls back to the Triton kernel otherwise. Gluon kernels do not run
-under ``TRITON_INTERPRET``, so this path is checked on the GPU by ``bench/attention.py`` (its correctness
-check and ``--ab FWD=triton FWD=gluon``).
+under ``TRITON_INTERPRET``, so this path is checked on the GPU only, by ``bench/ab/gluon_fwd.py`` (o and lse
+against the Triton forward on odd T, varlen, GQA and ACP, then timings); the CPU tests check only its dispatch.
 """
 
 from __future__ import annotations
@@ -205,7 +215,7 @@ def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
     """Launch :func:`_gluon_fwd_kernel` into ``o [Nq, H, D]`` and ``lse [Nq, H]`` (see :func:`foxkernels.launch._run_fwd`)."""
     nq, h, d = q.shape
     hkv = k.shape[1]
-    bm, bn, nb, warps = (int(x) for x in os.environ.get("FOXKERNELS_GLUON", "128,64,5,8").split(","))
+    bm, bn, nb, warps = (int(x) for x in os.environ.get("FOXKERNELS_GLUON", "64,64,3,4").split(","))
     assert bm == 16 * warps and plan.tile % bm == 0, (bm, warps)
 
     def desc(x, rows):
