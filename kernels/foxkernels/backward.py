@@ -5,7 +5,7 @@ of :mod:`foxkernels.attention`."""
 import triton
 import triton.language as tl
 
-from .common import _doc_extent, _scores
+from .common import _doc_extent, _key_range, _scores
 
 
 @triton.jit
@@ -100,15 +100,7 @@ def _dq_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
         lse2r = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
         bq = tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
-        lo = 0
-        if USE_ACP:
-            lo = tl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
-        if CAUSAL:
-            hi_full = i0
-            hi = tl.minimum(i0 + BM, lk)
-        else:
-            hi_full = (lk // BN) * BN
-            hi = lk
+        lo, hi_full, hi = _key_range(BOUND, z, i0, h, max_units, H, lk, BM, BN, TILE, CAUSAL, USE_ACP)
         dq = tl.zeros([BM, D], tl.float32)
         dq = _dq_tile(dq, q, do, lse2r, di, K + ks * s_k_t + hk * s_k_h, V + ks * s_v_t + hk * s_v_h, KD, VD,
                                   CK + ks * s_ck_t + h * s_ck_h, BK + ks * s_bk_t + h * s_bk_h, bq, ks, lk, hk, h, offs_m, offs_n, offs_d,

@@ -21,6 +21,23 @@ def _doc_extent(CU_Q, CU_K, z):
 
 
 @triton.jit
+def _key_range(BOUND, z, i0, h, max_units, H, lk, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
+               CAUSAL: tl.constexpr, USE_ACP: tl.constexpr):
+    """Key rows of the query tile at ``i0``: whole unmasked tiles in ``[lo, hi_full)``, masked ones up to ``hi``
+    (the diagonal, or a partial last tile); ``lo`` is the ACP bound (in units of TILE keys) when ``USE_ACP``."""
+    lo = 0
+    if USE_ACP:
+        lo = tl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
+    if CAUSAL:
+        hi_full = i0
+        hi = tl.minimum(i0 + BM, lk)
+    else:
+        hi_full = (lk // BN) * BN
+        hi = lk
+    return lo, hi_full, hi
+
+
+@triton.jit
 def _col_term(CK, BK, bq, ks, lk, h, j0, kn, s_ck_t, s_ck_h, s_bk_t, s_bk_h,
               MASKED: tl.constexpr, DMODE: tl.constexpr):
     """``LOG2E * (ck_j - (base_q - base_k))`` for one key tile (CK, BK already at document and head).

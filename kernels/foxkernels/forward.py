@@ -4,7 +4,7 @@ diagonal / partial tiles masked (design notes: the header of :mod:`foxkernels.at
 import triton
 import triton.language as tl
 
-from .common import _doc_extent, _scores
+from .common import _doc_extent, _key_range, _scores
 
 
 @triton.jit
@@ -84,15 +84,7 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
         cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
         bq = tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
         row2 = cq * 1.4426950408889634
-        lo = 0
-        if USE_ACP:
-            lo = tl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
-        if CAUSAL:
-            hi_full = i0
-            hi = tl.minimum(i0 + BM, lk)
-        else:
-            hi_full = (lk // BN) * BN
-            hi = lk
+        lo, hi_full, hi = _key_range(BOUND, z, i0, h, max_units, H, lk, BM, BN, TILE, CAUSAL, USE_ACP)
         m_i = tl.full([BM], -1.0e30, tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
