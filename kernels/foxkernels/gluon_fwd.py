@@ -39,6 +39,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .launch import _capability
+
 
 @gluon.jit
 def _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, t, lo, n, ks, hk,
@@ -206,7 +208,7 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
 def gluon_fwd_supported(q, k, causal: bool, tile: int) -> bool:
     """This path's limits: Hopper or newer, causal self-attention, bf16, head dim 64 or 128, rows of ``H * D``
     contiguous elements (TMA), tiles of 128 (the query block) dividing the ACP unit."""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and causal
+    return (q.is_cuda and _capability(q.device.index)[0] >= 9 and causal
             and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.shape[-1] in (64, 128)
             and tile % 128 == 0 and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k)))
 
