@@ -3,7 +3,7 @@
 Checks o and lse of the Gluon kernel against the Triton kernel's (relative error; bf16, mixed gates, odd T,
 varlen + GQA, ACP), then times the forward (do_bench median, two interleaved rounds) at the issue's shapes,
 dense and with ACP on mixed gates, for each Gluon tile configuration in ``GLUON_CFGS`` (``BM,BN,NB,warps``
-separated by spaces). From the repository root:
+separated by spaces; a suffix ``:ws`` selects the warp-specialised kernel). From the repository root:
 
     GLUON_CFGS="128,64,5,8 64,64,3,4" FOXDIST_COMMIT=$(git rev-parse --short HEAD) PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py OUTDIR
 
@@ -29,7 +29,9 @@ res = dict(command="PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py " + " ".jo
 
 CFGS = os.environ.get("GLUON_CFGS", "128,64,5,8").split()
 ENVS = {"triton": {"FOXKERNELS_FWD": "triton"}}
-ENVS.update({f"gluon[{c}]": {"FOXKERNELS_FWD": "gluon", "FOXKERNELS_GLUON": c} for c in CFGS})
+# "BM,BN,NB,warps" or "BM,BN,NB,warps:ws" (the warp-specialised kernel, FOXKERNELS_GLUON_WS=1)
+ENVS.update({f"gluon[{c}]": {"FOXKERNELS_FWD": "gluon", "FOXKERNELS_GLUON": c.split(":")[0],
+                             "FOXKERNELS_GLUON_WS": "1" if c.endswith(":ws") else "0"} for c in CFGS})
 
 
 def fwd(env, *args, **kw):

@@ -205,6 +205,148 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
                  o.to(O.dtype.element_ty), mask=gl.expand_dims(offs_mo < lq, 1))
 
 
+@gluon.jit
+def _ws_load(k_desc, v_desc, k_smem, v_smem, kready, vready, empty, lo, n, ks, hk,
+             BN: gl.constexpr, D: gl.constexpr, NB: gl.constexpr):
+    """Loader partition (one warp): key tile t into ring slot t % NB once the consumer has released it."""
+    for t in range(0, n):
+        s = t % NB
+        # a fresh mbarrier counts as having completed the phase before 0, so the first NB waits pass
+        mbarrier.wait(empty.index(s), ((t // NB) & 1) ^ 1)
+        row = ks + lo + t * BN
+        mbarrier.expect(kready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, hk * D], kready.index(s), k_smem.index(s))
+        mbarrier.expect(vready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, hk * D], vready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready, empty, zero_s, CKh, bq, BKh, lo,
+             i0, lk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr,
+             row_s: gl.constexpr, col_s: gl.constexpr, row_o: gl.constexpr, p_layout: gl.constexpr,
+             MASK: gl.constexpr):
+    """:func:`_step` without the loads: the slot of tile j-1 is handed back to the loader partition."""
+    s_next = (j + 1) % NB
+    mbarrier.wait(kready.index(s_next), ((j + 1) // NB) & 1)
+    qk_next = warpgroup_mma(q_smem, k_smem.index(s_next).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    colb_next = _col_term(CKh, bq, BKh, lo + (j + 1) * BN, lk, s_ck_t, s_bk_t, BN, col_s)
+    p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s, MASK)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    mbarrier.arrive(empty.index((j + NB - 1) % NB), count=1, pred=j > 0)  # tile j-1's K and V are consumed
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+    mbarrier.wait(vready.index(j % NB), (j // NB) & 1)
+    pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_next, ))
+    return qk, colb_next, acc, m_i, l_i
+
+
+@gluon.jit
+def _ws_compute(q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BKh, O, LSE, bq, qs, lq, lk, h, i0, lo,
+                n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale2,
+                D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
+    """Consumer partition (the default, ``num_warps`` warps): the schedule of :func:`_gluon_fwd_kernel`."""
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BN, 16])
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+    col_o: gl.constexpr = gl.SliceLayout(0, mma_o)
+    m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
+    l_i = gl.zeros([BM], gl.float32, layout=row_s)
+    acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=mma_o))
+    zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
+
+    mbarrier.wait(qbar, 0)
+    mbarrier.wait(kready.index(0), 0)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+    colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
+    n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n - 1)
+    for j in range(0, n_main):
+        qk, colb, acc, m_i, l_i = _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready, empty,
+                                           zero_s, CKh, bq, BKh, lo, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB,
+                                           row_s, col_s, row_o, p_layout, False)
+    for j in range(n_main, n - 1):
+        qk, colb, acc, m_i, l_i = _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready, empty,
+                                           zero_s, CKh, bq, BKh, lo, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB,
+                                           row_s, col_s, row_o, p_layout, True)
+    j = n - 1
+    p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s, True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+    mbarrier.wait(vready.index(j % NB), (j // NB) & 1)
+    pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+    offs_m = i0 + gl.arange(0, BM, layout=row_s)
+    rmask = offs_m < lq
+    cq = gl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
+    has = l_i > 0.0
+    l_safe = gl.where(has, l_i, 1.0)
+    lse = gl.where(has, (m_i + gl.log2(l_safe) + cq * 1.4426950408889634) * 0.6931471805599453, float("-inf"))
+    gl.store(LSE + (qs + offs_m) * s_l_t + h * s_l_h, lse, mask=rmask)
+    o = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+    offs_mo = i0 + gl.arange(0, BM, layout=row_o)
+    offs_d = gl.arange(0, D, layout=col_o)
+    gl.store(O + gl.expand_dims((qs + offs_mo) * s_o_t + h * s_o_h, 1) + gl.expand_dims(offs_d, 0),
+             o.to(O.dtype.element_ty), mask=gl.expand_dims(offs_mo < lq, 1))
+
+
+@gluon.jit
+def _gluon_fwd_ws_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
+                         s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+                         sm_scale2, max_units, H, GROUP,
+                         D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
+                         USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
+    """:func:`_gluon_fwd_kernel` with warp specialisation: one loader warp feeds the K/V ring through TMA
+    (``FOXKERNELS_GLUON_WS=1``). Launched with ``maxnreg=128`` (``FOXKERNELS_GLUON_MAXNREG``): the loader drops to
+    24 registers and the consumer warpgroup rises to 232 (``setmaxnreg``), so two CTAs of ``BM = 64`` (112 KB of
+    shared memory each) fit on an SM. Compiled offline for sm_90a (triton 3.6, no spills); NOT yet run on a GPU."""
+    pid = gl.program_id(0)
+    z = gl.program_id(1)
+    h = gl.program_id(2)
+    qs = gl.load(CU_Q + z)
+    lq = gl.load(CU_Q + z + 1) - qs
+    ks = gl.load(CU_K + z)
+    lk = gl.load(CU_K + z + 1) - ks
+    i0 = (gl.num_programs(0) - 1 - pid) * BM
+    if i0 < lq:
+        hk = h // GROUP
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [NB, BN, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NB, BN, D], v_desc.layout)
+        qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        vready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qbar, count=1)
+        for s in gl.static_range(NB):
+            mbarrier.init(kready.index(s), count=1)
+            mbarrier.init(vready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        lo = 0
+        if USE_ACP:
+            lo = gl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
+        hi = gl.minimum(i0 + BM, lk)
+        n = (hi - lo + BN - 1) // BN
+        mbarrier.expect(qbar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [qs + i0, h * D], qbar, q_smem)
+        CKh = CK + ks * s_ck_t + h * s_ck_h
+        BKh = BK + ks * s_bk_t + h * s_bk_h
+        bq = gl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
+        gl.warp_specialize([
+            (_ws_compute, (q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BKh, O, LSE, bq, qs, lq, lk,
+                           h, i0, lo, n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale2,
+                           D, BM, BN, NB, num_warps)),
+            (_ws_load, (k_desc, v_desc, k_smem, v_smem, kready, vready, empty, lo, n, ks, hk, BN, D, NB)),
+        ], [1], [24])
+
+
 def gluon_fwd_supported(q, k, causal: bool, tile: int) -> bool:
     """This path's limits: Hopper or newer, causal self-attention, bf16, head dim 64 or 128, rows of ``H * D``
     contiguous elements (TMA), tiles of 128 (the query block) dividing the ACP unit."""
@@ -226,10 +368,13 @@ def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
         return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
 
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
-    _gluon_fwd_kernel[grid](
+    ws = os.environ.get("FOXKERNELS_GLUON_WS") == "1"
+    kernel = _gluon_fwd_ws_kernel if ws else _gluon_fwd_kernel
+    extra = dict(maxnreg=int(os.environ.get("FOXKERNELS_GLUON_MAXNREG", "128"))) if ws else {}
+    kernel[grid](
         desc(q, bm), desc(k, bn), desc(v, bn), plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound,
         plan.cu_q, plan.cu_k, o.stride(0), o.stride(1),
         plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * 1.4426950408889634, plan.max_units, h, h // hkv,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=warps)
+        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=warps, **extra)
