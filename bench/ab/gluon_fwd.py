@@ -55,6 +55,8 @@ for t, h, hkv, d, varlen, acp in cases:
                    lse=B.rel(l_g, l_t))
         res["checks"].append(row)
         print("check", row, flush=True)
+if os.environ.get("GLUON_CHECK_ONLY") == "1":  # a quick smoke run (e.g. under `timeout` for a new kernel)
+    sys.exit(0)
 
 for name, (t, h, d) in B.SHAPES.items():
     q, k, v = (torch.randn(1, t, h, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
