@@ -3,7 +3,7 @@
 Checks o and lse of the Gluon kernel against the Triton kernel's (relative error; bf16, mixed gates, odd T,
 varlen + GQA, ACP), then times the forward (do_bench median, two interleaved rounds) at the issue's shapes,
 dense and with ACP on mixed gates, for each Gluon tile configuration in ``GLUON_CFGS`` (``BM,BN,NB,warps``
-separated by spaces; a suffix ``:ws`` selects the warp-specialised kernel). From the repository root:
+separated by spaces, with optional flags: see ``cfg_env``). From the repository root:
 
     GLUON_CFGS="128,64,5,8 64,64,3,4" FOXDIST_COMMIT=$(git rev-parse --short HEAD) PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py OUTDIR
 
@@ -29,9 +29,28 @@ res = dict(command="PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py " + " ".jo
 
 CFGS = os.environ.get("GLUON_CFGS", "128,64,5,8").split()
 ENVS = {"triton": {"FOXKERNELS_FWD": "triton"}}
-# "BM,BN,NB,warps" or "BM,BN,NB,warps:ws" (the warp-specialised kernel, FOXKERNELS_GLUON_WS=1)
-ENVS.update({f"gluon[{c}]": {"FOXKERNELS_FWD": "gluon", "FOXKERNELS_GLUON": c.split(":")[0],
-                             "FOXKERNELS_GLUON_WS": "1" if c.endswith(":ws") else "0"} for c in CFGS})
+
+
+def cfg_env(c):
+    """``BM,BN,NB,warps`` then optional flags: ``:ws`` (the warp-specialised kernel, FOXKERNELS_GLUON_WS=1),
+    ``:wsNNN`` (also its launch register limit, FOXKERNELS_GLUON_MAXNREG=NNN), ``:q`` (q as a register wgmma
+    operand, FOXKERNELS_GLUON_QREG=1)."""
+    tile, *flags = c.split(":")
+    env = {"FOXKERNELS_FWD": "gluon", "FOXKERNELS_GLUON": tile, "FOXKERNELS_GLUON_WS": "0",
+           "FOXKERNELS_GLUON_QREG": "0", "FOXKERNELS_GLUON_MAXNREG": "128"}
+    for f in flags:
+        if f.startswith("ws"):
+            env["FOXKERNELS_GLUON_WS"] = "1"
+            if f[2:]:
+                env["FOXKERNELS_GLUON_MAXNREG"] = f[2:]
+        elif f == "q":
+            env["FOXKERNELS_GLUON_QREG"] = "1"
+        else:
+            raise SystemExit(f"unknown flag {f!r} in GLUON_CFGS entry {c!r}")
+    return env
+
+
+ENVS.update({f"gluon[{c}]": cfg_env(c) for c in CFGS})
 
 
 def fwd(env, *args, **kw):
