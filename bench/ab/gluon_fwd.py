@@ -22,7 +22,8 @@ from foxdist.ops import acp_threshold, qk_bound  # noqa: E402
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
 dev = "cuda"
 gen = torch.Generator(device=dev).manual_seed(3)
-res = dict(command="PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py " + " ".join(sys.argv[1:]),
+res = dict(command=f"GLUON_CFGS='{os.environ.get('GLUON_CFGS', '')}' PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py "
+                + " ".join(sys.argv[1:]),
            device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
            date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=B._git_commit(), checks=[], timings={})
 
@@ -33,18 +34,15 @@ ENVS = {"triton": {"FOXKERNELS_FWD": "triton"}}
 
 def cfg_env(c):
     """``BM,BN,NB,warps`` then optional flags: ``:ws`` (the warp-specialised kernel, FOXKERNELS_GLUON_WS=1),
-    ``:wsNNN`` (also its launch register limit, FOXKERNELS_GLUON_MAXNREG=NNN), ``:q`` (q as a register wgmma
-    operand, FOXKERNELS_GLUON_QREG=1)."""
+    ``:wsNNN`` (also its launch register limit, FOXKERNELS_GLUON_MAXNREG=NNN)."""
     tile, *flags = c.split(":")
     env = {"FOXKERNELS_FWD": "gluon", "FOXKERNELS_GLUON": tile, "FOXKERNELS_GLUON_WS": "0",
-           "FOXKERNELS_GLUON_QREG": "0", "FOXKERNELS_GLUON_MAXNREG": "128"}
+           "FOXKERNELS_GLUON_MAXNREG": "128"}
     for f in flags:
         if f.startswith("ws"):
             env["FOXKERNELS_GLUON_WS"] = "1"
             if f[2:]:
                 env["FOXKERNELS_GLUON_MAXNREG"] = f[2:]
-        elif f == "q":
-            env["FOXKERNELS_GLUON_QREG"] = "1"
         else:
             raise SystemExit(f"unknown flag {f!r} in GLUON_CFGS entry {c!r}")
     return env

@@ -197,8 +197,23 @@ ms dense (same run).
   Gluon's explicit ``warpgroup_mma(is_async=True)`` / ``warpgroup_mma_wait`` give FA3's in-warpgroup overlap that
   ``tl.dot`` cannot express. First form 1.5-1.7x the Triton forward's time (the decay column's load latency was
   exposed every trip); with that load a trip ahead, 1.06-1.08x at D128 and 1.34x dense / 0.91x ACP at D64
-  (one warpgroup per CTA; two warpgroups 1.09-1.30x). Outputs bitwise equal to the Triton forward at D128. The
-  next step is warp specialisation (module docstring there).
+  (one warpgroup per CTA; two warpgroups 1.09-1.30x). Outputs bitwise equal to the Triton forward at D128.
+  Warp specialisation (``FOXKERNELS_GLUON_WS=1``: one TMA loader warp, ready/empty mbarriers, ``setmaxnreg``) ran
+  correctly at the first try but did not win either (``...-gluon-fwd-ws.json``, ``...-gluon-fwd-v3.json``; forward
+  time against the Triton forward at T16k D64 / T32k D128 / T64k D128, dense): one consumer warpgroup 1.23 / 1.05
+  / 1.06x, with 4 slots 1.02 / 1.59 / 1.60x (one CTA per SM); two consumer warpgroups sharing K/V at 240
+  registers 1.31 / 1.12 / 1.10x. Tiles of 128 keys spill at D128 in every Gluon form (the decay column costs 32
+  registers per thread per tile on top of FA3's budget).
+* **Loop-invariant dot operands in registers, tried and rejected** (``5f230ae``, same-run A/B on the H200,
+  ``bench/results/attention-h200-2026-12-04-ab-rega.json``). Triton feeds every ``tl.dot`` operand that is a
+  loaded tile through shared memory (TTGIR: both wgmma operands ``memdesc``, "SS"), so each trip of the dkdv
+  kernel re-reads k and v, of the dq kernel q and do, of the forward q. Making them computed values (a select
+  that cannot be folded) turned all six into register operands ("RS") with no new spills (offline sm_90a
+  compile), on the reasoning that an m64n32k16 SS wgmma needs 192 B/clk of shared memory against ~128 available.
+  Measured fwd+bwd, dense: dkdv +1.6 / +2.7 / +2.4%, dq +1.4 / +4.0 / +4.0%, forward +0.9 / +2.4 / +2.1% (its
+  own time +4 / +8 / +8%), all three +4.1 / +9.0 / +8.5%; the same under ACP. So shared-memory bandwidth is
+  not what limits these kernels; the longer register lifetimes cost more. The Gluon forward with q in registers
+  (same run): 1.24 / 1.12 / 1.09x the Triton forward, no better than with q in shared memory.
 
 Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
 lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100

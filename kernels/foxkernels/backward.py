@@ -80,7 +80,7 @@ def _dq_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
                sm_scale, sm_scale2, max_units, H, GROUP,
                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-               KD, VD, REGA: tl.constexpr = False):
+               KD, VD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -96,9 +96,6 @@ def _dq_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
         q = tl.load(Q + (qs + offs_m)[:, None] * s_q_t + h * s_q_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
         do = tl.load(DO + (qs + offs_m)[:, None] * s_do_t + h * s_do_h + offs_d[None, :], mask=rmask[:, None],
                      other=0.0)
-        if REGA:  # q and do as register dot operands (see _dkdv_kernel)
-            q = tl.where(rmask[:, None], q, 0.0).to(q.dtype)
-            do = tl.where(rmask[:, None], do, 0.0).to(do.dtype)
         # LSE2 holds lse2 - cq * log2(e): the row term of the decay is in the row statistic (_run_bwd)
         lse2r = tl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=float("inf"))
         di = tl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rmask, other=0.0)
@@ -187,7 +184,7 @@ def _dkdv_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, C
                  s_dc_t, s_dc_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                  sm_scale, sm_scale2, max_kunits, H, GROUP,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
-                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD, REGA: tl.constexpr = False):
+                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, TMA: tl.constexpr, QD, DOD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     hk = tl.program_id(2)
@@ -200,12 +197,6 @@ def _dkdv_kernel(Q, K, V, DO, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, C
         kmask = offs_n < lk
         k = tl.load(K + (ks + offs_n)[:, None] * s_k_t + hk * s_k_h + offs_d[None, :], mask=kmask[:, None], other=0.0)
         v = tl.load(V + (ks + offs_n)[:, None] * s_v_t + hk * s_v_h + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        if REGA:
-            # Triton feeds a dot operand that is a loaded tile through shared memory (wgmma "SS"); a computed
-            # one (this select cannot be folded) stays in registers ("RS"), so the two [BN, BM] products read
-            # only their [D, BM] B operand from shared memory each trip (launch._rega)
-            k = tl.where(kmask[:, None], k, 0.0).to(k.dtype)
-            v = tl.where(kmask[:, None], v, 0.0).to(v.dtype)
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
         ku = n0 // TILE

@@ -67,7 +67,7 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
                 sm_scale2, max_units, H, GROUP,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr,
                 CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, DMODE: tl.constexpr, TMA: tl.constexpr,
-                KD, VD, REGA: tl.constexpr = False):
+                KD, VD):
     pid = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -81,8 +81,6 @@ def _fwd_kernel(Q, K, V, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
         offs_d = tl.arange(0, D)
         rmask = offs_m < lq
         q = tl.load(Q + (qs + offs_m)[:, None] * s_q_t + h * s_q_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        if REGA:  # q as a register dot operand (see backward._dkdv_kernel)
-            q = tl.where(rmask[:, None], q, 0.0).to(q.dtype)
         cq = tl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
         bq = tl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
         row2 = cq * 1.4426950408889634

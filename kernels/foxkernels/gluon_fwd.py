@@ -20,7 +20,11 @@ with ``BM,BN,NB,warps = 64,64,3,4``, the default here: one warpgroup per CTA; tw
 ACP 10.6 / 11.3 (faster only at D64 with ACP). ``128,64,5,8`` (two warpgroups, a 5-slot ring) 1.09-1.30x, ``128,64,3,8`` 1.07-1.42x. Outputs
 are bitwise equal to the Triton forward's at D128 (the same tile order) and within 3e-4 at D64. So this is not
 faster yet; what it lacks against FA3 is warp specialisation (a producer warp for the TMA loads, and two consumer
-warpgroups taking turns on the tensor cores), which Gluon's ``gl.warp_specialize`` offers. Same math and inputs as
+warpgroups taking turns on the tensor cores), which Gluon's ``gl.warp_specialize`` offers: :func:`_gluon_fwd_ws_kernel`
+(``FOXKERNELS_GLUON_WS=1``) has the loader warp and was measured next (``...-gluon-fwd-ws.json``, ``...-gluon-fwd-v3.json``):
+``64,64,3,4`` 1.23 / 1.05 / 1.06x the Triton forward dense at T16k D64 / T32k D128 / T64k D128 (ACP 1.09 / 1.04 /
+1.06x), ``128,64,3,8`` with ``FOXKERNELS_GLUON_MAXNREG=168`` (two consumer warpgroups at 240 registers sharing K/V)
+1.31 / 1.12 / 1.10x. Pingpong between two consumer warpgroups is the piece of FA3 not tried yet. Same math and inputs as
 :func:`foxkernels.forward._fwd_kernel` (tile-local prefix sums plus an fp64 base per tile, ACP bound table),
 causal self-attention only; the caller falls back to the Triton kernel otherwise. Gluon kernels do not run
 under ``TRITON_INTERPRET``, so this path is checked on the GPU only, by ``bench/ab/gluon_fwd.py`` (o and lse
@@ -110,7 +114,7 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
                       s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                       sm_scale2, max_units, H, GROUP,
                       D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
-                      USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr, QREG: gl.constexpr = False):
+                      USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
     pid = gl.program_id(0)
     z = gl.program_id(1)
     h = gl.program_id(2)
@@ -162,22 +166,18 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
         zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
 
         mbarrier.wait(qbar, 0)
-        if QREG:  # q as the register A operand of every q.k wgmma: each trip reads only K from shared memory
-            qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2))
-        else:
-            qa = q_smem
         mbarrier.wait(kbar.index(0), 0)
-        qk = warpgroup_mma(qa, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
         colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
         # tiles wholly below the diagonal (and with a successor) need no mask: a loop without it
         n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n - 1)
         for j in range(0, n_main):
-            qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, qa, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s,
+            qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s,
                                       CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM, BN, D, NB,
                                       row_s, col_s, row_o, p_layout, False)
         for j in range(n_main, n - 1):
-            qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, qa, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s,
+            qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s,
                                       CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM, BN, D, NB,
                                       row_s, col_s, row_o, p_layout, True)
         j = n - 1
@@ -248,8 +248,7 @@ def _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready,
 @gluon.jit
 def _ws_compute(q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BKh, O, LSE, bq, qs, lq, lk, h, i0, lo,
                 n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale2,
-                D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, QREG: gl.constexpr,
-                num_warps: gl.constexpr):
+                D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
     """Consumer partition (the default, ``num_warps`` warps): the schedule of :func:`_gluon_fwd_kernel`."""
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BN, 16])
@@ -266,21 +265,17 @@ def _ws_compute(q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BK
     zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
 
     mbarrier.wait(qbar, 0)
-    if QREG:
-        qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2))
-    else:
-        qa = q_smem
     mbarrier.wait(kready.index(0), 0)
-    qk = warpgroup_mma(qa, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
     colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
     n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n - 1)
     for j in range(0, n_main):
-        qk, colb, acc, m_i, l_i = _ws_step(j, qk, colb, acc, m_i, l_i, qa, k_smem, v_smem, kready, vready, empty,
+        qk, colb, acc, m_i, l_i = _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready, empty,
                                            zero_s, CKh, bq, BKh, lo, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB,
                                            row_s, col_s, row_o, p_layout, False)
     for j in range(n_main, n - 1):
-        qk, colb, acc, m_i, l_i = _ws_step(j, qk, colb, acc, m_i, l_i, qa, k_smem, v_smem, kready, vready, empty,
+        qk, colb, acc, m_i, l_i = _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready, empty,
                                            zero_s, CKh, bq, BKh, lo, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB,
                                            row_s, col_s, row_o, p_layout, True)
     j = n - 1
@@ -311,11 +306,12 @@ def _gluon_fwd_ws_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, 
                          s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
                          sm_scale2, max_units, H, GROUP,
                          D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
-                         USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr, QREG: gl.constexpr = False):
+                         USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
     """:func:`_gluon_fwd_kernel` with warp specialisation: one loader warp feeds the K/V ring through TMA
     (``FOXKERNELS_GLUON_WS=1``). Launched with ``maxnreg=128`` (``FOXKERNELS_GLUON_MAXNREG``): the loader drops to
     24 registers and the consumer warpgroup rises to 232 (``setmaxnreg``), so two CTAs of ``BM = 64`` (112 KB of
-    shared memory each) fit on an SM. Compiled offline for sm_90a (triton 3.6, no spills); NOT yet run on a GPU."""
+    shared memory each) fit on an SM; ``BM = 128`` on 8 warps wants ``FOXKERNELS_GLUON_MAXNREG=168`` (consumers at 240).
+    Outputs equal the Triton forward's (bitwise at D128); timings in the module docstring."""
     pid = gl.program_id(0)
     z = gl.program_id(1)
     h = gl.program_id(2)
@@ -351,7 +347,7 @@ def _gluon_fwd_ws_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, 
         gl.warp_specialize([
             (_ws_compute, (q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BKh, O, LSE, bq, qs, lq, lk,
                            h, i0, lo, n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale2,
-                           D, BM, BN, NB, QREG, num_warps)),
+                           D, BM, BN, NB, num_warps)),
             (_ws_load, (k_desc, v_desc, k_smem, v_smem, kready, vready, empty, lo, n, ks, hk, BN, D, NB)),
         ], [1], [24])
 
@@ -386,5 +382,4 @@ def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
         plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * 1.4426950408889634, plan.max_units, h, h // hkv,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=warps,
-        QREG=os.environ.get("FOXKERNELS_GLUON_QREG") == "1", **extra)
+        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=warps, **extra)

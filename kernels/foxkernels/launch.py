@@ -50,17 +50,6 @@ def _tma_operands(kernel: str, rows: int, *xs):
                        for x in xs)
 
 
-def _rega(kernel: str) -> bool:
-    """Keep the kernel's loop-invariant dot operands (fwd: q; dq: q, do; dkdv: k, v) in registers.
-
-    Triton gives wgmma a loaded tile through shared memory ("SS": both operands read from shared memory by
-    every instruction); a computed value stays in registers ("RS"), so each trip reads only the streamed
-    operand. ``FOXKERNELS_REGA`` lists the kernels (``none``, ``dkdv``, ``fwd,dq,dkdv``); see the module
-    docstring of :mod:`foxkernels.attention` for the measurements behind the default.
-    """
-    return kernel in os.environ.get("FOXKERNELS_REGA", "none").split(",")
-
-
 def _force_table(kernel: str, d: int) -> bool:
     """Run a dense call through the ACP-table code path (a table of zeros) for this kernel.
 
@@ -242,7 +231,7 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E, plan.max_units, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, REGA=_rega("fwd"), num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -286,7 +275,7 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, REGA=_rega("dq"), num_warps=warps, num_stages=stages)
+        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends = plan.dkdv_ends() if use_acp else lse2
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
@@ -296,7 +285,7 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
-        TMA=tma, QD=qd, DOD=dod, REGA=_rega("dkdv"), num_warps=warps, num_stages=stages)
+        TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
 
