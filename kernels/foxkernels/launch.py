@@ -78,9 +78,11 @@ def _config_cached(d: int, tile: int, env: str | None):
     elif d <= 128:
         cfg = dict(fwd=(128, 64, 8, 4), dq=(128, 64, 8, 3), dkdv=(32, 64, 4, 3))
     else:
-        # D256: the D128 tiles need 329 KB of shared memory in the forward and dq kernels (the H100/H200 have
-        # 227 KB); these fit (offline sm_90a compile: fwd 164 KB, dq 197 KB, dkdv 115 KB) with few spills
-        cfg = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 2), dkdv=(16, 64, 8, 3))
+        # D256: the D128 tiles need 329 KB of shared memory in the forward and dq kernels (227 KB on the
+        # H100/H200). These fit (offline sm_90a compile: fwd 164 KB, dq 197 KB, dkdv 131 KB); the dkdv tile was
+        # the best of three on the H200 (fwd+bwd T16k H8: 18.0 ms against 23.6 for (16, 64, 8, 3) and 27.3 for
+        # (16, 32, 4, 3); bench/results/attention-h200-2026-12-04-ab-d256-configs.json)
+        cfg = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 2), dkdv=(32, 64, 8, 2))
     if env:  # "fwd=128,64,4,3;dq=...;dkdv=..." (benchmark sweeps)
         for part in env.split(";"):
             key, val = part.split("=")
