@@ -159,6 +159,12 @@ class _Plan:
                                       device=self.cq.device)
         return self._zeros
 
+    def full_ends(self):
+        """dkdv ends that prune nothing (every query unit keeps every key unit), for dense calls that take the
+        dkdv kernel's table code path."""
+        nk = max(1, -(-self.max_k // self.tile))
+        return torch.full((self.n_docs, self.h, nk), self.max_units, dtype=torch.int32, device=self.cq.device)
+
     def count(self, stats):
         """Add this call's unit counts to an AcpStats (tiles_total, tiles_pruned)."""
         if stats is None:
@@ -282,15 +288,17 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         dq.stride(0), dq.stride(1), *common,
         D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
         TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
-    ends = plan.dkdv_ends() if use_acp else lse2
+    ends, dkdv_acp = (plan.dkdv_ends(), True) if use_acp else (lse2, False)
+    if not use_acp and _force_table("dkdv", d):
+        ends, dkdv_acp = plan.full_ends(), True
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
         q, k, v, do, plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc, ends, plan.cu_q, plan.cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1), *strides,
-        ends.shape[-1] if use_acp else 1, h, h // hkv,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=use_acp,
+        ends.shape[-1] if dkdv_acp else 1, h, h // hkv,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dkdv_acp,
         TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
