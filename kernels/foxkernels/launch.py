@@ -56,12 +56,16 @@ def _force_table(kernel: str, d: int) -> bool:
     Measured on the H200 (bf16, T=32k, D=128): the forward with its key loop starting at a loaded
     bound ran 11.3 ms against 13.7 ms with the constant start; at D=64 (T=16k) 3.56 against 3.41 ms.
     The dq kernel through the table path, H100 fwd+bwd: 10.86 against 11.10 ms (T16k D64), 45.61
-    against 45.65 ms (T32k D128). ``FOXKERNELS_FORCE_TABLE=fwd,dq`` (a list, or ``none``) overrides.
+    against 45.65 ms (T32k D128). The dkdv kernel through the table path (trips counted from 0, a table that
+    prunes nothing), same-run A/B on the H200 (``bench/results/attention-h200-2026-12-04-ab-force-table.json``):
+    fwd+bwd -8.2% at T16k H32 D32, -1.1% at T16k H24 D64, -4.2% at T16k H8 D256, -0.3 / +0.4% at T32k / T64k
+    D128 (noise, so D128 keeps the range loop); the forward through it +1.7% at D32 and +1.8% at D256.
+    ``FOXKERNELS_FORCE_TABLE=fwd,dq,dkdv`` (a list, or ``none``) overrides.
     """
     env = os.environ.get("FOXKERNELS_FORCE_TABLE")
     if env is not None:
         return kernel in env.split(",")
-    return kernel == "dq" or (kernel == "fwd" and d >= 128)
+    return kernel == "dq" or (kernel == "fwd" and d == 128) or (kernel == "dkdv" and d != 128)
 
 
 def _config(d: int, tile: int):
