@@ -90,7 +90,10 @@ medians; "H100"/"H200" = the lent machine of that run; full tables in ``bench/re
 * Rows that see no key (an all-pruned off-diagonal block, an empty key block) keep the running max at
   a finite ``-1e30`` so that no ``inf - inf`` arises; they return ``o = 0`` and ``lse = -inf``.
 
-Block sizes and warps per head dim are in :func:`foxkernels.launch._config` (a sweep on the H100, T=16k). The dkdv
+Block sizes and warps per head dim are in :func:`foxkernels.launch._config` (a sweep on the H100, T=16k; head
+dim 256 on the H200: the D128 tiles needed 329 KB of shared memory there, and 8-warp dkdv tiles, 1.5-2.2x slower
+than 4-warp ones at D64/D128, are 1.3x faster at D256, where the 4-warp ones spill heavily;
+``bench/results/attention-h200-2026-12-04-ab-{d256-configs,dkdv-8warps}.json``). The dkdv
 kernel at D128 went from 2 to 3 stages once the row masks left its main loop: T32k fwd+bwd 48.6 -> 45.3
 ms dense (same run).
 
@@ -128,8 +131,10 @@ ms dense (same run).
   the causal-diagonal loop 524 instead of 616, and the dq loop 405 instead of 430 (its masked loop 643
   instead of 698). Same-run A/B, fwd+bwd (``...-ab-loop-form.json``): ACP on mixed gates -3.1 / -1.5 /
   -1.8% at T16k D64 / T32k D128 / T64k D128, on near-1 gates -1.9 / -2.0 / -1.8%; dense (which then also
-  counted trips everywhere) +3.3% at T16k D64 and +-0.2% at D128, so the paths without a table keep the
-  range loop. Offline sm_90a compiles (triton 3.6, the JIT's specialisation at T64k D128 and T16k D64) give SASS
+  counted trips everywhere) +3.3% at T16k D64 and +-0.2% at D128, so the paths without a table kept the
+  range loop. Later (H200, after the row statistic change) the dkdv kernel alone through its table path measured
+  -8.2 / -1.1 / -4.2% fwd+bwd at D32 / D64 / D256 and noise at D128, so dense calls now take it except at D128
+  (:func:`foxkernels.launch._force_table`, ``...-ab-force-table.json``). Offline sm_90a compiles (triton 3.6, the JIT's specialisation at T64k D128 and T16k D64) give SASS
   identical to the A/B's "new" kernels on every table path and to its "old" kernels on the dense dkdv and the
   dense D64 forward.
 * **Row statistic formed once.** The backward kernels receive ``lse2 - cq log2(e)`` (one elementwise op
@@ -217,17 +222,21 @@ ms dense (same run).
 
 Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
 lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100
-runs within 1-3%). Full run at ``43b122b`` (``bench/results/attention-h200-2026-12-04-43b122b.json``): ours dense
-10.2 / 40.8 / 161; SDPA flash backend, same run, 10.3 / 46.9 / 186 (ratio 0.99 / 0.87 / 0.86); SDPA's default
-(cuDNN) 6.7 / 28.6 / 110 (ratio 1.52 / 1.43 / 1.47); FLA 0.6.0 21.4 / 74.5 / 295; ACP on near-1 gates -0.4 /
-+0.7 / +0.5% against dense on the same gates; ACP on mixed gates 4.29 / 14.02 / 41.40, i.e. 0.59 / 0.77 / 0.76 of
-the official kernel's ACP times (7.33 / 18.10 / 54.18, H100, from the issue). Profile (T64k, ms per fwd+bwd):
-dense fwd 42.0 / dq 47.3 / dkdv 75.1; ACP on mixed gates 10.5 / 11.8 / 18.3 with 76% of units pruned. In matmul
-terms (T32k D128 dense) the forward runs at ~420 TFLOP/s, dq at ~550, dkdv at ~480 (bf16 peak ~990); cuDNN's
-whole fwd+bwd, counting five backward GEMMs, at ~550. The gap to cuDNN is the kernel's matmul efficiency, not the
-decay: without any decay term the same kernel was only 8-15% faster. Closing it needs what Triton's ``tl.dot``
-does not give on Hopper (both tries above failed): wgmma kept in flight across the softmax with warp-specialised
-producer and consumer warpgroups (FA3), through Triton's Gluon dialect (the experimental forward above is the start).
+runs within 1-3%). Full run at ``d15d907`` (``bench/results/attention-h200-2026-12-04-d15d907.json``; every
+implementation ~2.5% slower than in the run at ``43b122b`` before it, SDPA too): ours dense 10.17 / 41.43 / 165.4;
+SDPA flash backend, same run, 10.35 / 47.77 / 190.7 (ratio 0.98 / 0.87 / 0.87); SDPA's default (cuDNN) 6.86 /
+29.05 / 112.9 (ratio 1.48 / 1.43 / 1.47); FLA 0.6.0 21.4 / 74.1 / 295; ACP on near-1 gates +0.7 / -1.2 / +0.2%
+against dense on the same gates; ACP on mixed gates 4.28 / 14.22 / 42.48, i.e. 0.58 / 0.79 / 0.78 of the
+official kernel's ACP times (7.33 / 18.10 / 54.18, H100, from the issue; 0.59 / 0.77 / 0.76 at ``43b122b``).
+Profile (T64k, ms per fwd+bwd): dense fwd 42.8 / dq 48.6 / dkdv 76.8; ACP on mixed gates 10.8 / 12.2 / 18.7 with
+76% of units pruned. Other head dims, same run: T16k H8 D256 17.18 (flash 14.48, cuDNN 9.25; FLA fails for lack of
+shared memory), T16k H32 D32 10.29 (flash 9.45, cuDNN 8.31). In matmul terms (T32k D128 dense) the forward runs at
+~420 TFLOP/s, dq at ~550, dkdv at ~470 (bf16 peak ~990); cuDNN's whole fwd+bwd, counting five backward GEMMs, at
+~550. The gap to cuDNN is the kernel's matmul efficiency, not the decay: without any decay term the same kernel
+was only 8-15% faster. Closing it needs what Triton's ``tl.dot`` does not give on Hopper (the tries above
+failed): wgmma kept in flight across the softmax with warp-specialised producer and consumer warpgroups taking
+turns (FA3), through Triton's Gluon dialect (the experimental forward above, warp-specialised, is the start; it
+lacks pingpong between consumer warpgroups, and the backward, 75% of the time, has no Gluon form yet).
 """
 
 
