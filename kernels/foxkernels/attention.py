@@ -208,7 +208,13 @@ ms dense (same run).
   time against the Triton forward at T16k D64 / T32k D128 / T64k D128, dense): one consumer warpgroup 1.23 / 1.05
   / 1.06x, with 4 slots 1.02 / 1.59 / 1.60x (one CTA per SM); two consumer warpgroups sharing K/V at 240
   registers 1.31 / 1.12 / 1.10x. Tiles of 128 keys spill at D128 in every Gluon form (the decay column costs 32
-  registers per thread per tile on top of FA3's budget).
+  registers per thread per tile on top of FA3's budget). **These Gluon timings did not test the overlap**: found
+  offline afterwards, ptxas serialised every wgmma of all these kernels (its warning C7514, "non wgmma instructions
+  reading accumulator registers of a wgmma between start and end of the pipeline stage": the fp32 score tile
+  carried across trips was copied while the next one was in flight). FA3's order (the softmax of the tile just
+  retired while ``P V`` of the previous runs; no score tile carried) compiles with no such warning, at 196 instead
+  of 250 registers; it is on branch ``wip/gluon-fa3`` with a warp-specialised Gluon dkdv kernel, both compiled
+  for sm_90a but not yet run on a GPU.
 * **Loop-invariant dot operands in registers, tried and rejected** (``5f230ae``, same-run A/B on the H200,
   ``bench/results/attention-h200-2026-12-04-ab-rega.json``). Triton feeds every ``tl.dot`` operand that is a
   loaded tile through shared memory (TTGIR: both wgmma operands ``memdesc``, "SS"), so each trip of the dkdv
