@@ -20,8 +20,8 @@ with ``BM,BN,NB,warps = 64,64,3,4``, the default here: one warpgroup per CTA; tw
 ACP 10.6 / 11.3 (faster only at D64 with ACP). ``128,64,5,8`` (two warpgroups, a 5-slot ring) 1.09-1.30x, ``128,64,3,8`` 1.07-1.42x. Outputs
 are bitwise equal to the Triton forward's at D128 (the same tile order) and within 3e-4 at D64. So this is not
 faster yet; what it lacks against FA3 is warp specialisation (a producer warp for the TMA loads, and two consumer
-warpgroups taking turns on the tensor cores), which Gluon's ``gl.warp_specialize`` offers: :func:`_gluon_fwd_ws_kernel`
-(``FOXKERNELS_GLUON_WS=1``) has the loader warp and was measured next (``...-gluon-fwd-ws.json``, ``...-gluon-fwd-v3.json``):
+warpgroups taking turns on the tensor cores), which Gluon's ``gl.warp_specialize`` offers: :func:`_gluon_fwd_kernel`
+with ``WS`` (``FOXKERNELS_GLUON_WS=1``) has the loader warp and was measured next (``...-gluon-fwd-ws.json``, ``...-gluon-fwd-v3.json``):
 ``64,64,3,4`` 1.23 / 1.05 / 1.06x the Triton forward dense at T16k D64 / T32k D128 / T64k D128 (ACP 1.09 / 1.04 /
 1.06x), ``128,64,3,8`` with ``FOXKERNELS_GLUON_MAXNREG=168`` (two consumer warpgroups at 240 registers sharing K/V)
 1.31 / 1.12 / 1.10x. Pingpong between two consumer warpgroups is the piece of FA3 not tried yet. Same math and inputs as
@@ -86,10 +86,10 @@ def _softmax_tile(qk, colb, m_i, l_i, j0, i0, sm_scale2, BM: gl.constexpr, BN: g
 
 
 @gluon.jit
-def _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s, CKh, bq, BKh, lo,
-          n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+def _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc, v_desc, zero_s, CKh, bq, BKh,
+          lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
           NB: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr, row_o: gl.constexpr,
-          p_layout: gl.constexpr, MASK: gl.constexpr):
+          p_layout: gl.constexpr, MASK: gl.constexpr, WS: gl.constexpr):
     """One trip for key tile j (which has a successor): S_{j+1} issued, softmax of S_j, P_j V_j issued. The next
     tile's decay column is loaded here too, a trip before its use (its latency is not exposed)."""
     s_next = (j + 1) % NB
@@ -99,8 +99,12 @@ def _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc
     p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s, MASK)
     # P_{j-1} V_{j-1} is done once at most one group (S_{j+1}) is outstanding
     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-    # the slot of tile j-1 is free (its q.k and P V are done): refill it with tile j-1+NB
-    _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, j + NB - 1, lo, n, ks, hk, BN, D, NB)
+    # the slot of tile j-1 is free (its q.k and P V are done): hand it back to the loader partition (WS), or
+    # refill it with tile j-1+NB
+    if WS:
+        mbarrier.arrive(empty.index((j + NB - 1) % NB), count=1, pred=j > 0)
+    else:
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, j + NB - 1, lo, n, ks, hk, BN, D, NB)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
     mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
     pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
@@ -110,146 +114,13 @@ def _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc
 
 
 @gluon.jit
-def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
-                      s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
-                      sm_scale2, max_units, H, GROUP,
-                      D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
-                      USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
-    pid = gl.program_id(0)
-    z = gl.program_id(1)
-    h = gl.program_id(2)
-    qs = gl.load(CU_Q + z)
-    lq = gl.load(CU_Q + z + 1) - qs
-    ks = gl.load(CU_K + z)
-    lk = gl.load(CU_K + z + 1) - ks
-    i0 = (gl.num_programs(0) - 1 - pid) * BM  # heaviest query tiles first
-    if i0 < lq:
-        hk = h // GROUP
-        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BN, 16])
-        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
-        col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
-        row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
-        col_o: gl.constexpr = gl.SliceLayout(0, mma_o)
-
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [NB, BN, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NB, BN, D], v_desc.layout)
-        qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        kbar = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        vbar = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(qbar, count=1)
-        for s in gl.static_range(NB):
-            mbarrier.init(kbar.index(s), count=1)
-            mbarrier.init(vbar.index(s), count=1)
-
-        lo = 0
-        if USE_ACP:
-            lo = gl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
-        hi = gl.minimum(i0 + BM, lk)
-        n = (hi - lo + BN - 1) // BN  # >= 1: the diagonal tile is never pruned
-
-        mbarrier.expect(qbar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [qs + i0, h * D], qbar, q_smem)
-        for t in gl.static_range(NB - 1):
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, t, lo, n, ks, hk, BN, D, NB)
-
-        CKh = CK + ks * s_ck_t + h * s_ck_h
-        BKh = BK + ks * s_bk_t + h * s_bk_h
-        bq = gl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
-        m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
-        l_i = gl.zeros([BM], gl.float32, layout=row_s)
-        acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=mma_o))
-        zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
-
-        mbarrier.wait(qbar, 0)
-        mbarrier.wait(kbar.index(0), 0)
-        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
-        # tiles wholly below the diagonal (and with a successor) need no mask: a loop without it
-        n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n - 1)
-        for j in range(0, n_main):
-            qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s,
-                                      CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM, BN, D, NB,
-                                      row_s, col_s, row_o, p_layout, False)
-        for j in range(n_main, n - 1):
-            qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, zero_s,
-                                      CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM, BN, D, NB,
-                                      row_s, col_s, row_o, p_layout, True)
-        j = n - 1
-        p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s,
-                                           True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
-        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-        acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-
-        mbarrier.invalidate(qbar)
-        for s in gl.static_range(NB):
-            mbarrier.invalidate(kbar.index(s))
-            mbarrier.invalidate(vbar.index(s))
-
-        offs_m = i0 + gl.arange(0, BM, layout=row_s)
-        rmask = offs_m < lq
-        cq = gl.load(CQ + (qs + offs_m) * s_cq_t + h * s_cq_h, mask=rmask, other=0.0)
-        has = l_i > 0.0
-        l_safe = gl.where(has, l_i, 1.0)
-        lse = gl.where(has, (m_i + gl.log2(l_safe) + cq * 1.4426950408889634) * 0.6931471805599453, float("-inf"))
-        gl.store(LSE + (qs + offs_m) * s_l_t + h * s_l_h, lse, mask=rmask)
-        o = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
-        offs_mo = i0 + gl.arange(0, BM, layout=row_o)
-        offs_d = gl.arange(0, D, layout=col_o)
-        gl.store(O + gl.expand_dims((qs + offs_mo) * s_o_t + h * s_o_h, 1) + gl.expand_dims(offs_d, 0),
-                 o.to(O.dtype.element_ty), mask=gl.expand_dims(offs_mo < lq, 1))
-
-
-@gluon.jit
-def _ws_load(k_desc, v_desc, k_smem, v_smem, kready, vready, empty, lo, n, ks, hk,
-             BN: gl.constexpr, D: gl.constexpr, NB: gl.constexpr):
-    """Loader partition (one warp): key tile t into ring slot t % NB once the consumer has released it."""
-    for t in range(0, n):
-        s = t % NB
-        # a fresh mbarrier counts as having completed the phase before 0, so the first NB waits pass
-        mbarrier.wait(empty.index(s), ((t // NB) & 1) ^ 1)
-        row = ks + lo + t * BN
-        mbarrier.expect(kready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, hk * D], kready.index(s), k_smem.index(s))
-        mbarrier.expect(vready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, hk * D], vready.index(s), v_smem.index(s))
-
-
-@gluon.jit
-def _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready, empty, zero_s, CKh, bq, BKh, lo,
-             i0, lk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr,
-             row_s: gl.constexpr, col_s: gl.constexpr, row_o: gl.constexpr, p_layout: gl.constexpr,
-             MASK: gl.constexpr):
-    """:func:`_step` without the loads: the slot of tile j-1 is handed back to the loader partition."""
-    s_next = (j + 1) % NB
-    mbarrier.wait(kready.index(s_next), ((j + 1) // NB) & 1)
-    qk_next = warpgroup_mma(q_smem, k_smem.index(s_next).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    colb_next = _col_term(CKh, bq, BKh, lo + (j + 1) * BN, lk, s_ck_t, s_bk_t, BN, col_s)
-    p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s, MASK)
-    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-    mbarrier.arrive(empty.index((j + NB - 1) % NB), count=1, pred=j > 0)  # tile j-1's K and V are consumed
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-    mbarrier.wait(vready.index(j % NB), (j // NB) & 1)
-    pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
-    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_next, ))
-    return qk, colb_next, acc, m_i, l_i
-
-
-@gluon.jit
-def _ws_compute(q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BKh, O, LSE, bq, qs, lq, lk, h, i0, lo,
-                n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale2,
-                D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
-    """Consumer partition (the default, ``num_warps`` warps): the schedule of :func:`_gluon_fwd_kernel`."""
+def _consume(q_smem, k_smem, v_smem, qbar, kbar, vbar, empty, k_desc, v_desc, CQ, CKh, BKh, O, LSE, bq, qs, lq, lk,
+             ks, hk, h, i0, lo, n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale2,
+             D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, WS: gl.constexpr,
+             num_warps: gl.constexpr):
+    """The query tile's computation once its K/V ring is being filled: :func:`_step` over the key tiles (unmasked
+    ones first), the last tile, the lse and the output. ``WS``: the consumer partition of the warp-specialised
+    kernel, which hands the slots back through ``empty``; else it refills them itself."""
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BN, 16])
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -265,24 +136,25 @@ def _ws_compute(q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BK
     zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
 
     mbarrier.wait(qbar, 0)
-    mbarrier.wait(kready.index(0), 0)
+    mbarrier.wait(kbar.index(0), 0)
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
     colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
+    # tiles wholly below the diagonal (and with a successor) need no mask: a loop without it
     n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n - 1)
     for j in range(0, n_main):
-        qk, colb, acc, m_i, l_i = _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready, empty,
-                                           zero_s, CKh, bq, BKh, lo, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB,
-                                           row_s, col_s, row_o, p_layout, False)
+        qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc,
+                                        v_desc, zero_s, CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2,
+                                        BM, BN, D, NB, row_s, col_s, row_o, p_layout, False, WS)
     for j in range(n_main, n - 1):
-        qk, colb, acc, m_i, l_i = _ws_step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kready, vready, empty,
-                                           zero_s, CKh, bq, BKh, lo, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB,
-                                           row_s, col_s, row_o, p_layout, True)
+        qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc,
+                                        v_desc, zero_s, CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2,
+                                        BM, BN, D, NB, row_s, col_s, row_o, p_layout, True, WS)
     j = n - 1
     p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s, True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-    mbarrier.wait(vready.index(j % NB), (j // NB) & 1)
+    mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
     pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
     acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -302,16 +174,31 @@ def _ws_compute(q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BK
 
 
 @gluon.jit
-def _gluon_fwd_ws_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
-                         s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
-                         sm_scale2, max_units, H, GROUP,
-                         D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
-                         USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
-    """:func:`_gluon_fwd_kernel` with warp specialisation: one loader warp feeds the K/V ring through TMA
-    (``FOXKERNELS_GLUON_WS=1``). Launched with ``maxnreg=128`` (``FOXKERNELS_GLUON_MAXNREG``): the loader drops to
-    24 registers and the consumer warpgroup rises to 232 (``setmaxnreg``), so two CTAs of ``BM = 64`` (112 KB of
-    shared memory each) fit on an SM; ``BM = 128`` on 8 warps wants ``FOXKERNELS_GLUON_MAXNREG=168`` (consumers at 240).
-    Outputs equal the Triton forward's (bitwise at D128); timings in the module docstring."""
+def _ws_load(k_desc, v_desc, k_smem, v_smem, kready, vready, empty, lo, n, ks, hk,
+             BN: gl.constexpr, D: gl.constexpr, NB: gl.constexpr):
+    """Loader partition (one warp): key tile t into ring slot t % NB once the consumer has released it."""
+    for t in range(0, n):
+        s = t % NB
+        # a fresh mbarrier counts as having completed the phase before 0, so the first NB waits pass
+        mbarrier.wait(empty.index(s), ((t // NB) & 1) ^ 1)
+        row = ks + lo + t * BN
+        mbarrier.expect(kready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, hk * D], kready.index(s), k_smem.index(s))
+        mbarrier.expect(vready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, hk * D], vready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_Q, CU_K,
+                      s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+                      sm_scale2, max_units, H, GROUP,
+                      D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
+                      USE_ACP: gl.constexpr, NB: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+    """One query tile per program. ``WS`` (``FOXKERNELS_GLUON_WS=1``): warp specialisation, one loader warp feeds the
+    K/V ring through TMA; launched with ``maxnreg=128`` (``FOXKERNELS_GLUON_MAXNREG``), so that ``setmaxnreg`` gives
+    the loader 24 registers and the consumer warpgroup 232 and two CTAs of ``BM = 64`` (112 KB of shared memory each)
+    fit on an SM; ``BM = 128`` on 8 warps wants ``FOXKERNELS_GLUON_MAXNREG=168`` (consumers at 240). Outputs equal the
+    Triton forward's (bitwise at D128); timings in the module docstring."""
     pid = gl.program_id(0)
     z = gl.program_id(1)
     h = gl.program_id(2)
@@ -319,37 +206,53 @@ def _gluon_fwd_ws_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, 
     lq = gl.load(CU_Q + z + 1) - qs
     ks = gl.load(CU_K + z)
     lk = gl.load(CU_K + z + 1) - ks
-    i0 = (gl.num_programs(0) - 1 - pid) * BM
+    i0 = (gl.num_programs(0) - 1 - pid) * BM  # heaviest query tiles first
     if i0 < lq:
         hk = h // GROUP
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [NB, BN, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [NB, BN, D], v_desc.layout)
         qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        kready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        vready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        kbar = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        vbar = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        if WS:  # the consumer hands each slot back to the loader partition through these
+            empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
         mbarrier.init(qbar, count=1)
         for s in gl.static_range(NB):
-            mbarrier.init(kready.index(s), count=1)
-            mbarrier.init(vready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
+            mbarrier.init(kbar.index(s), count=1)
+            mbarrier.init(vbar.index(s), count=1)
+            if WS:
+                mbarrier.init(empty.index(s), count=1)
+
         lo = 0
         if USE_ACP:
             lo = gl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
         hi = gl.minimum(i0 + BM, lk)
-        n = (hi - lo + BN - 1) // BN
+        n = (hi - lo + BN - 1) // BN  # >= 1: the diagonal tile is never pruned
+
         mbarrier.expect(qbar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [qs + i0, h * D], qbar, q_smem)
         CKh = CK + ks * s_ck_t + h * s_ck_h
         BKh = BK + ks * s_bk_t + h * s_bk_h
         bq = gl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
-        gl.warp_specialize([
-            (_ws_compute, (q_smem, k_smem, v_smem, qbar, kready, vready, empty, CQ, CKh, BKh, O, LSE, bq, qs, lq, lk,
-                           h, i0, lo, n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale2,
-                           D, BM, BN, NB, num_warps)),
-            (_ws_load, (k_desc, v_desc, k_smem, v_smem, kready, vready, empty, lo, n, ks, hk, BN, D, NB)),
-        ], [1], [24])
+        if WS:
+            gl.warp_specialize([
+                (_consume, (q_smem, k_smem, v_smem, qbar, kbar, vbar, empty, k_desc, v_desc, CQ, CKh, BKh, O, LSE,
+                            bq, qs, lq, lk, ks, hk, h, i0, lo, n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t,
+                            s_l_t, s_l_h, sm_scale2, D, BM, BN, NB, True, num_warps)),
+                (_ws_load, (k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, lo, n, ks, hk, BN, D, NB)),
+            ], [1], [24])
+        else:
+            for t in gl.static_range(NB - 1):
+                _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, t, lo, n, ks, hk, BN, D, NB)
+            # no loader partition, so no ``empty`` barriers: kbar stands in for the unused argument
+            _consume(q_smem, k_smem, v_smem, qbar, kbar, vbar, kbar, k_desc, v_desc, CQ, CKh, BKh, O, LSE, bq, qs,
+                     lq, lk, ks, hk, h, i0, lo, n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h,
+                     sm_scale2, D, BM, BN, NB, False, num_warps)
+            mbarrier.invalidate(qbar)
+            for s in gl.static_range(NB):
+                mbarrier.invalidate(kbar.index(s))
+                mbarrier.invalidate(vbar.index(s))
 
 
 def gluon_fwd_supported(q, k, causal: bool, tile: int) -> bool:
@@ -374,12 +277,11 @@ def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
 
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
     ws = os.environ.get("FOXKERNELS_GLUON_WS") == "1"
-    kernel = _gluon_fwd_ws_kernel if ws else _gluon_fwd_kernel
     extra = dict(maxnreg=int(os.environ.get("FOXKERNELS_GLUON_MAXNREG", "128"))) if ws else {}
-    kernel[grid](
+    _gluon_fwd_kernel[grid](
         desc(q, bm), desc(k, bn), desc(v, bn), plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound,
         plan.cu_q, plan.cu_k, o.stride(0), o.stride(1),
         plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),
         scale * 1.4426950408889634, plan.max_units, h, h // hkv,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=warps, **extra)
+        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, WS=ws, num_warps=warps, **extra)
