@@ -39,7 +39,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_init
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -86,31 +86,41 @@ def _softmax_tile(qk, colb, m_i, l_i, j0, i0, sm_scale2, BM: gl.constexpr, BN: g
 
 
 @gluon.jit
-def _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc, v_desc, zero_s, CKh, bq, BKh,
-          lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
-          NB: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr, row_o: gl.constexpr,
-          p_layout: gl.constexpr, MASK: gl.constexpr, WS: gl.constexpr):
-    """One trip for key tile j (which has a successor): S_{j+1} issued, softmax of S_j, P_j V_j issued. The next
-    tile's decay column is loaded here too, a trip before its use (its latency is not exposed)."""
-    s_next = (j + 1) % NB
-    mbarrier.wait(kbar.index(s_next), ((j + 1) // NB) & 1)
-    qk_next = warpgroup_mma(q_smem, k_smem.index(s_next).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    colb_next = _col_term(CKh, bq, BKh, lo + (j + 1) * BN, lk, s_ck_t, s_bk_t, BN, col_s)
-    p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s, MASK)
-    # P_{j-1} V_{j-1} is done once at most one group (S_{j+1}) is outstanding
-    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-    # the slot of tile j-1 is free (its q.k and P V are done): hand it back to the loader partition (WS), or
-    # refill it with tile j-1+NB
+def _release(j, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, lo, n, ks, hk,
+             BN: gl.constexpr, D: gl.constexpr, NB: gl.constexpr, WS: gl.constexpr):
+    """Tile j is done (its q.k and P V retired): hand its slot back to the loader partition (WS), or refill it
+    with tile j + NB."""
     if WS:
-        mbarrier.arrive(empty.index((j + NB - 1) % NB), count=1, pred=j > 0)
+        mbarrier.arrive(empty.index(j % NB), count=1)
     else:
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, j + NB - 1, lo, n, ks, hk, BN, D, NB)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, j + NB, lo, n, ks, hk, BN, D, NB)
+
+
+@gluon.jit
+def _fa3_step(j, p, alpha, colb_next, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc, v_desc,
+              zero_s, CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr,
+              BN: gl.constexpr, D: gl.constexpr, NB: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr,
+              row_o: gl.constexpr, p_layout: gl.constexpr, MASK: gl.constexpr, WS: gl.constexpr):
+    """Trip j (tile j has a successor), FA3's order: issue ``S_{j+1} = q k_{j+1}^T`` and then ``acc += P_j V_j``,
+    both asynchronous; once ``S_{j+1}`` retires, its softmax (``MASK``: tile j+1 reaches the diagonal) runs while
+    ``P_j V_j`` is still on the tensor cores. ``acc`` is only touched between trips, when no product is in flight
+    (reading an in-flight accumulator makes ptxas serialise every wgmma: C7514). ``colb_next`` is tile j+1's decay
+    column, loaded a trip ahead (its load latency was exposed otherwise); tile j+2's is loaded here."""
+    s1 = (j + 1) % NB
+    mbarrier.wait(kbar.index(s1), ((j + 1) // NB) & 1)
+    qk = warpgroup_mma(q_smem, k_smem.index(s1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
     mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
     pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
     acc = warpgroup_mma(pb, v_smem.index(j % NB), acc, is_async=True)
-    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_next, ))
-    return qk, colb_next, acc, m_i, l_i
+    colb_after = _col_term(CKh, bq, BKh, lo + gl.minimum(j + 2, n - 1) * BN, lk, s_ck_t, s_bk_t, BN, col_s)
+    # groups retire in order: one outstanding means S_{j+1} is done and P_j V_j may still run
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+    p, alpha, m_i, l_i = _softmax_tile(qk, colb_next, m_i, l_i, lo + (j + 1) * BN, i0, sm_scale2, BM, BN, row_s,
+                                       col_s, MASK)
+    acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pb))
+    _release(j, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, lo, n, ks, hk, BN, D, NB, WS)
+    return p, alpha, colb_after, acc, m_i, l_i
 
 
 @gluon.jit
@@ -118,9 +128,10 @@ def _consume(q_smem, k_smem, v_smem, qbar, kbar, vbar, empty, k_desc, v_desc, CQ
              ks, hk, h, i0, lo, n, s_o_t, s_o_h, s_cq_t, s_cq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale2,
              D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, WS: gl.constexpr,
              num_warps: gl.constexpr):
-    """The query tile's computation once its K/V ring is being filled: :func:`_step` over the key tiles (unmasked
-    ones first), the last tile, the lse and the output. ``WS``: the consumer partition of the warp-specialised
-    kernel, which hands the slots back through ``empty``; else it refills them itself."""
+    """The query tile's computation once its K/V ring is being filled: the softmax of tile 0, :func:`_fa3_step`
+    over the key tiles (those whose successor needs no mask first), the last ``P V``, the lse and the output.
+    ``WS``: the consumer partition of the warp-specialised kernel, which hands the slots back through ``empty``;
+    else it refills them itself."""
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BN, 16])
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -132,27 +143,30 @@ def _consume(q_smem, k_smem, v_smem, qbar, kbar, vbar, empty, k_desc, v_desc, CQ
     col_o: gl.constexpr = gl.SliceLayout(0, mma_o)
     m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
     l_i = gl.zeros([BM], gl.float32, layout=row_s)
-    acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=mma_o))
+    acc = gl.zeros([BM, D], gl.float32, layout=mma_o)
     zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
 
     mbarrier.wait(qbar, 0)
     mbarrier.wait(kbar.index(0), 0)
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
     colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
-    # tiles wholly below the diagonal (and with a successor) need no mask: a loop without it
-    n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n - 1)
+    colb_next = _col_term(CKh, bq, BKh, lo + gl.minimum(1, n - 1) * BN, lk, s_ck_t, s_bk_t, BN, col_s)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+    # tile 0 with the mask: exact for an unmasked tile too, and it is one tile
+    p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo, i0, sm_scale2, BM, BN, row_s, col_s, True)
+    # tiles wholly below the diagonal need no mask; trip j forms the softmax of tile j + 1
+    n_main = gl.minimum(gl.maximum(gl.maximum(i0 - lo, 0) // BN - 1, 0), n - 1)
     for j in range(0, n_main):
-        qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc,
-                                        v_desc, zero_s, CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2,
-                                        BM, BN, D, NB, row_s, col_s, row_o, p_layout, False, WS)
+        p, alpha, colb_next, acc, m_i, l_i = _fa3_step(
+            j, p, alpha, colb_next, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc, v_desc,
+            zero_s, CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM, BN, D, NB, row_s, col_s,
+            row_o, p_layout, False, WS)
     for j in range(n_main, n - 1):
-        qk, colb, acc, m_i, l_i = _step(j, qk, colb, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc,
-                                        v_desc, zero_s, CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2,
-                                        BM, BN, D, NB, row_s, col_s, row_o, p_layout, True, WS)
+        p, alpha, colb_next, acc, m_i, l_i = _fa3_step(
+            j, p, alpha, colb_next, acc, m_i, l_i, q_smem, k_smem, v_smem, kbar, vbar, empty, k_desc, v_desc,
+            zero_s, CKh, bq, BKh, lo, n, i0, lk, ks, hk, s_ck_t, s_bk_t, sm_scale2, BM, BN, D, NB, row_s, col_s,
+            row_o, p_layout, True, WS)
     j = n - 1
-    p, alpha, m_i, l_i = _softmax_tile(qk, colb, m_i, l_i, lo + j * BN, i0, sm_scale2, BM, BN, row_s, col_s, True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
     mbarrier.wait(vbar.index(j % NB), (j // NB) & 1)
     pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
@@ -243,7 +257,7 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
                 (_ws_load, (k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, lo, n, ks, hk, BN, D, NB)),
             ], [1], [24])
         else:
-            for t in gl.static_range(NB - 1):
+            for t in gl.static_range(NB):
                 _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, t, lo, n, ks, hk, BN, D, NB)
             # no loader partition, so no ``empty`` barriers: kbar stands in for the unused argument
             _consume(q_smem, k_smem, v_smem, qbar, kbar, vbar, kbar, k_desc, v_desc, CQ, CKh, BKh, O, LSE, bq, qs,

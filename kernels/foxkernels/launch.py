@@ -295,6 +295,11 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
     ends, dkdv_acp = (plan.dkdv_ends(), True) if use_acp else (lse2, False)
     if not use_acp and _force_table("dkdv", d):
         ends, dkdv_acp = plan.full_ends(), True
+    if os.environ.get("FOXKERNELS_DKDV") == "gluon":
+        from .gluon_bwd import gluon_bwd_supported, gluon_dkdv  # experimental, GPU only
+        if gluon_bwd_supported(q, k, plan.causal, plan.tile):
+            gluon_dkdv(q, k, v, do, plan, scale, lse2, delta, dk, dv, dc, ends, dkdv_acp)
+            return dq, dk, dv, dc
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
