@@ -305,7 +305,7 @@ def test_offsets_guard():
 
 
 def test_gluon_kernels_fall_back_where_unsupported(monkeypatch):
-    """FOXKERNELS_FWD=gluon and FOXKERNELS_DKDV=gluon (the experimental Hopper kernels, GPU-only: Gluon does not
+    """FOXKERNELS_FWD=gluon, FOXKERNELS_DQ=gluon and FOXKERNELS_DKDV=gluon (the experimental Hopper kernels, GPU-only: Gluon does not
     run under the interpreter) leave every input they do not support, here CPU tensors, to the Triton kernels: the
     same values as the default path, bit for bit."""
     from foxkernels.gluon_bwd import gluon_bwd_supported
@@ -315,6 +315,7 @@ def test_gluon_kernels_fall_back_where_unsupported(monkeypatch):
     assert not gluon_bwd_supported(q[0], k[0], causal=True, tile=128)
     base = _grads(lambda *x: foxkernels.forgetting_attention(*x, return_lse=True, tile=32), q, k, v, g, do)
     monkeypatch.setenv("FOXKERNELS_FWD", "gluon")
+    monkeypatch.setenv("FOXKERNELS_DQ", "gluon")
     monkeypatch.setenv("FOXKERNELS_DKDV", "gluon")
     got = _grads(lambda *x: foxkernels.forgetting_attention(*x, return_lse=True, tile=32), q, k, v, g, do)
     for a, b in zip([got[0], got[1], *got[2]], [base[0], base[1], *base[2]]):

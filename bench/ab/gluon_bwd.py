@@ -1,7 +1,7 @@
 """Correctness of the experimental Gluon kernels against the Triton kernels on one Hopper GPU, all gradients.
 
 For each setting in ``GLUON_SPECS`` (``NAME=VALUE[|NAME=VALUE...]`` as in ``bench/attention.py --ab``; default
-``DKDV=gluon``, ``FWD=gluon`` and both), runs forward and backward on bf16 inputs with mixed gates (odd T, GQA,
+``DKDV=gluon``, ``DQ=gluon``, ``FWD=gluon`` and all three), runs forward and backward on bf16 inputs with mixed gates (odd T, GQA,
 varlen with a 1-token document, ACP, head dims 64 and 128) and prints the relative error of o, lse, dq, dk, dv, dg
 against the default (Triton) path; a row fails when any error exceeds ``TOL`` (default 2e-2: both paths round
 to bf16, differently ordered). From the repository root:
@@ -22,7 +22,7 @@ from foxdist.ops import acp_threshold, qk_bound  # noqa: E402
 
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
 dev = "cuda"
-specs = os.environ.get("GLUON_SPECS", "DKDV=gluon FWD=gluon FWD=gluon|DKDV=gluon").split()
+specs = os.environ.get("GLUON_SPECS", "DKDV=gluon DQ=gluon FWD=gluon FWD=gluon|DQ=gluon|DKDV=gluon").split()
 tol = float(os.environ.get("TOL", "2e-2"))
 res = dict(command=f"GLUON_SPECS='{' '.join(specs)}' PYTHONPATH=kernels:. python bench/ab/gluon_bwd.py "
                    + " ".join(sys.argv[1:]),

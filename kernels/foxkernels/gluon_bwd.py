@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .gluon_fwd import _col_term, _ws_load
 from .launch import _capability
 
 
@@ -205,14 +206,135 @@ def _gluon_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, CK, BQ, BK, LSE2, DELTA,
         ], [1], [24])
 
 
-def _dkdv_config(d: int):
-    """``(BM, BN, NB)``: query rows per trip, keys per program, ring slots. BN = 64 keys on one consumer
-    warpgroup (wgmma M = 64); BM = 32 at D128 keeps dK, dV (2 x 64 registers) and the [64, 32] score tiles within
-    232 registers, so two CTAs (96 KB of shared memory each) share an SM. ``FOXKERNELS_GLUON_DKDV=BM,BN,NB``."""
-    env = os.environ.get("FOXKERNELS_GLUON_DKDV")
+@gluon.jit
+def _dq_trip(j, dq, dsb, colb, q_smem, do_smem, k_smem, v_smem, kbar, vbar, empty, zero_s, stat, di, CKh, bq, BKh,
+             lo, n, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr,
+             op_a: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr, MASK: gl.constexpr):
+    """Key tile j: issue ``S = q k_j^T`` and ``dP = do v_j^T``; once S retires (and with it the previous tile's
+    ``dq`` product), the exponentials run under ``dP``; then ``dS = P (dP - delta)`` and ``dq += dS k_j`` is left
+    in flight into the next trip. ``colb``: tile j's decay column, loaded a trip ahead."""
+    s = j % NB
+    mbarrier.wait(kbar.index(s), (j // NB) & 1)
+    qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    mbarrier.wait(vbar.index(s), (j // NB) & 1)
+    dp = warpgroup_mma(do_smem, v_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    qk, dq, dsb = warpgroup_mma_wait(num_outstanding=1, deps=(qk, dq, dsb))
+    # the previous tile's k (its dq product) and v (its dP) are done with: its slot goes back to the loader
+    mbarrier.arrive(empty.index((j + NB - 1) % NB), count=1, pred=j > 0)
+    x = qk * sm_scale2 - gl.expand_dims(colb, 0) - gl.expand_dims(stat, 1)
+    if MASK:
+        kn = lo + j * BN + gl.arange(0, BN, layout=col_s)
+        offs_m = i0 + gl.arange(0, BM, layout=row_s)
+        x = gl.where(gl.expand_dims(kn, 0) <= gl.expand_dims(offs_m, 1), x, float("-inf"))
+    p = gl.exp2(x)
+    colb_next = _col_term(CKh, bq, BKh, lo + gl.minimum(j + 1, n - 1) * BN, lk, s_ck_t, s_bk_t, BN, col_s)
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+    ds = p * (dp - gl.expand_dims(di, 1))
+    dsb = gl.convert_layout(ds.to(gl.bfloat16), op_a)
+    dq = warpgroup_mma(dsb, k_smem.index(s), dq, is_async=True)
+    return dq, dsb, colb_next
+
+
+@gluon.jit
+def _dq_consume(q_smem, do_smem, k_smem, v_smem, qbar, kbar, vbar, empty, CKh, BKh, LSE2, DELTA, DQ, bq, qs, lq, lk, h,
+                i0, lo, n, s_dq_t, s_dq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale, sm_scale2, D: gl.constexpr,
+                BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
+    """Consumer warpgroup of the dq kernel: :func:`_dq_trip` over the key tiles (unmasked ones first), then dq."""
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BN, 16])
+    mma_a: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, D, 16])
+    op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_a, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    dq = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=mma_a))
+    dsb = gl.zeros([BM, BN], gl.bfloat16, layout=op_a)
+    zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
+    offs_m = i0 + gl.arange(0, BM, layout=row_s)
+    rm = offs_m < lq
+    # LSE2 holds lse2 - cq log2e (the row term of the decay); +inf past the document end, so P = 0 there
+    stat = gl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rm, other=float("inf"))
+    di = gl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rm, other=0.0)
+    colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
+    mbarrier.wait(qbar, 0)
+    n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n)  # key tiles wholly below the diagonal
+    for j in range(0, n_main):
+        dq, dsb, colb = _dq_trip(j, dq, dsb, colb, q_smem, do_smem, k_smem, v_smem, kbar, vbar, empty, zero_s, stat,
+                                 di, CKh, bq, BKh, lo, n, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB, op_a, row_s,
+                                 col_s, False)
+    for j in range(n_main, n):
+        dq, dsb, colb = _dq_trip(j, dq, dsb, colb, q_smem, do_smem, k_smem, v_smem, kbar, vbar, empty, zero_s, stat,
+                                 di, CKh, bq, BKh, lo, n, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB, op_a, row_s,
+                                 col_s, True)
+    dq, dsb = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dsb))
+    row: gl.constexpr = gl.SliceLayout(1, mma_a)
+    col: gl.constexpr = gl.SliceLayout(0, mma_a)
+    rows = i0 + gl.arange(0, BM, layout=row)
+    offs_d = gl.expand_dims(gl.arange(0, D, layout=col), 0)
+    gl.store(DQ + gl.expand_dims((qs + rows) * s_dq_t + h * s_dq_h, 1) + offs_d,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=gl.expand_dims(rows < lq, 1))
+
+
+@gluon.jit
+def _gluon_dq_kernel(q_desc, do_desc, k_desc, v_desc, CK, BQ, BK, LSE2, DELTA, DQ, BOUND, CU_Q, CU_K,
+                     s_dq_t, s_dq_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h,
+                     sm_scale, sm_scale2, max_units, H, GROUP, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                     TILE: gl.constexpr, USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
+    """One query tile of one head per program (heaviest first); K and V stream in through the loader warp of
+    :func:`foxkernels.gluon_fwd._ws_load`."""
+    pid = gl.program_id(0)
+    z = gl.program_id(1)
+    h = gl.program_id(2)
+    qs = gl.load(CU_Q + z)
+    lq = gl.load(CU_Q + z + 1) - qs
+    ks = gl.load(CU_K + z)
+    lk = gl.load(CU_K + z + 1) - ks
+    i0 = (gl.num_programs(0) - 1 - pid) * BM
+    if i0 < lq:
+        hk = h // GROUP
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(do_desc.dtype, [BM, D], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [NB, BN, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NB, BN, D], v_desc.layout)
+        qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kbar = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        vbar = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qbar, count=1)
+        for s in gl.static_range(NB):
+            mbarrier.init(kbar.index(s), count=1)
+            mbarrier.init(vbar.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        fence_async_shared()
+        mbarrier.expect(qbar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [qs + i0, h * D], qbar, q_smem)
+        tma.async_copy_global_to_shared(do_desc, [qs + i0, h * D], qbar, do_smem)
+        lo = 0
+        if USE_ACP:
+            lo = gl.load(BOUND + (z * max_units + i0 // TILE) * H + h) * TILE
+        n = (gl.minimum(i0 + BM, lk) - lo + BN - 1) // BN  # >= 1: the diagonal tile is never pruned
+        CKh = CK + ks * s_ck_t + h * s_ck_h
+        BKh = BK + ks * s_bk_t + h * s_bk_h
+        bq = gl.load(BQ + (qs + i0) * s_bq_t + h * s_bq_h)
+        gl.warp_specialize([
+            (_dq_consume, (q_smem, do_smem, k_smem, v_smem, qbar, kbar, vbar, empty, CKh, BKh, LSE2, DELTA, DQ, bq,
+                           qs, lq, lk, h, i0, lo, n, s_dq_t, s_dq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale,
+                           sm_scale2, D, BM, BN, NB, num_warps)),
+            (_ws_load, (k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, lo, n, ks, hk, BN, D, NB)),
+        ], [1], [24])
+
+
+def _config(kernel: str, d: int):
+    """``(BM, BN, NB)``: query rows, key rows, ring slots (``FOXKERNELS_GLUON_DKDV`` / ``FOXKERNELS_GLUON_DQ`` =
+    ``BM,BN,NB``). dkdv: BN = 64 keys on one consumer warpgroup (wgmma M = 64); BM = 32 at D128 keeps dK, dV
+    (2 x 64 registers) and the [64, 32] score tiles within 232 registers, so two CTAs (96 KB of shared memory
+    each) share an SM. dq: 64 x 64 tiles, two ring slots at D128 (96 KB), three at D64."""
+    env = os.environ.get("FOXKERNELS_GLUON_" + kernel.upper())
     if env:
         return tuple(int(x) for x in env.split(","))
-    return (32, 64, 4) if d == 128 else (64, 64, 3)
+    if kernel == "dkdv":
+        return (32, 64, 4) if d == 128 else (64, 64, 3)
+    return (64, 64, 2) if d == 128 else (64, 64, 3)
 
 
 def gluon_bwd_supported(q, k, causal: bool, tile: int) -> bool:
@@ -236,7 +358,7 @@ def gluon_dkdv(q, k, v, do, plan, scale, lse2, delta, dk, dv, dc, ends, use_acp)
     inputs as for :func:`foxkernels.backward._dkdv_kernel` (see :func:`foxkernels.launch._run_bwd`)."""
     h, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
-    bm, bn, nb = _dkdv_config(d)
+    bm, bn, nb = _config("dkdv", d)
     assert plan.tile % bn == 0 and bn % bm == 0, (bm, bn, plan.tile)
     grid = (triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)
     _gluon_dkdv_kernel[grid](
@@ -247,3 +369,20 @@ def gluon_dkdv(q, k, v, do, plan, scale, lse2, delta, dk, dv, dc, ends, use_acp)
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=4,
         maxnreg=int(os.environ.get("FOXKERNELS_GLUON_DKDV_MAXNREG", "128")))
+
+
+def gluon_dq(q, k, v, do, plan, scale, lse2, delta, dq, bound, use_acp):
+    """Launch :func:`_gluon_dq_kernel` into ``dq [Nq, H, D]``; the inputs as for :func:`foxkernels.backward._dq_kernel`
+    (see :func:`foxkernels.launch._run_bwd`)."""
+    h, d = q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    bm, bn, nb = _config("dq", d)
+    assert plan.tile % bm == 0 and plan.tile % bn == 0, (bm, bn, plan.tile)
+    grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
+    _gluon_dq_kernel[grid](
+        _desc(q, bm), _desc(do, bm), _desc(k, bn), _desc(v, bn), plan.ck, plan.bq, plan.bk, lse2, delta, dq, bound,
+        plan.cu_q, plan.cu_k, dq.stride(0), dq.stride(1), plan.ck.stride(0), plan.ck.stride(1), plan.bq.stride(0),
+        plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse2.stride(0), lse2.stride(1), scale,
+        scale * 1.4426950408889634, plan.max_units, h, h // hkv,
+        D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=4,
+        maxnreg=int(os.environ.get("FOXKERNELS_GLUON_DQ_MAXNREG", "128")))

@@ -284,22 +284,24 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
                plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1),
                lse2.stride(0), lse2.stride(1), scale, scale * LOG2E)
     common = (*strides, plan.max_units, h, h // hkv)
-    bm, bn, warps, stages = cfg["dq"]
-    tma, (kd, vd) = _tma_operands("dq", bn, k, v)
-    _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
-        q, k, v, do, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), *common,
-        D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
-        TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
+    gluon = _gluon_bwd(q, k, plan)
+    if "dq" in gluon:
+        gluon["dq"](q, k, v, do, plan, scale, lse2, delta, dq, dq_bound, dq_acp)
+    else:
+        bm, bn, warps, stages = cfg["dq"]
+        tma, (kd, vd) = _tma_operands("dq", bn, k, v)
+        _dq_kernel[(triton.cdiv(plan.max_q, bm), plan.n_docs, h)](
+            q, k, v, do, plan.ck, plan.bq, plan.bk, lse2, delta, dq, dq_bound, plan.cu_q, plan.cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dq.stride(0), dq.stride(1), *common,
+            D=d, BM=bm, BN=bn, TILE=plan.tile, CAUSAL=plan.causal, USE_ACP=dq_acp, DMODE=_dmode(),
+            TMA=tma, KD=kd, VD=vd, num_warps=warps, num_stages=stages)
     ends, dkdv_acp = (plan.dkdv_ends(), True) if use_acp else (lse2, False)
     if not use_acp and _force_table("dkdv", d):
         ends, dkdv_acp = plan.full_ends(), True
-    if os.environ.get("FOXKERNELS_DKDV") == "gluon":
-        from .gluon_bwd import gluon_bwd_supported, gluon_dkdv  # experimental, GPU only
-        if gluon_bwd_supported(q, k, plan.causal, plan.tile):
-            gluon_dkdv(q, k, v, do, plan, scale, lse2, delta, dk, dv, dc, ends, dkdv_acp)
-            return dq, dk, dv, dc
+    if "dkdv" in gluon:
+        gluon["dkdv"](q, k, v, do, plan, scale, lse2, delta, dk, dv, dc, ends, dkdv_acp)
+        return dq, dk, dv, dc
     bm, bn, warps, stages = cfg["dkdv"]
     tma, (qd, dod) = _tma_operands("dkdv", bm, q, do)
     _dkdv_kernel[(triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)](
@@ -311,6 +313,18 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
         TMA=tma, QD=qd, DOD=dod, num_warps=warps, num_stages=stages)
     # every key of every document is written by the dkdv kernel (its grid covers the longest document)
     return dq, dk, dv, dc
+
+
+def _gluon_bwd(q, k, plan: _Plan) -> dict:
+    """The Gluon backward launchers that this call takes (``FOXKERNELS_DQ=gluon``, ``FOXKERNELS_DKDV=gluon``), by
+    kernel name; none where :func:`foxkernels.gluon_bwd.gluon_bwd_supported` refuses the inputs."""
+    want = [kern for kern in ("dq", "dkdv") if os.environ.get("FOXKERNELS_" + kern.upper()) == "gluon"]
+    if not want:
+        return {}
+    from . import gluon_bwd  # experimental, GPU only (imports Gluon)
+    if not gluon_bwd.gluon_bwd_supported(q, k, plan.causal, plan.tile):
+        return {}
+    return {kern: getattr(gluon_bwd, "gluon_" + kern) for kern in want}
 
 
 def _bwd_pre(o, do, lse):
