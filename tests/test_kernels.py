@@ -305,18 +305,22 @@ def test_offsets_guard():
 
 
 def test_gluon_kernels_fall_back_where_unsupported(monkeypatch):
-    """FOXKERNELS_FWD=gluon, FOXKERNELS_DQ=gluon and FOXKERNELS_DKDV=gluon (the experimental Hopper kernels, GPU-only: Gluon does not
-    run under the interpreter) leave every input they do not support, here CPU tensors, to the Triton kernels: the
-    same values as the default path, bit for bit."""
-    from foxkernels.gluon_bwd import gluon_bwd_supported
-    from foxkernels.gluon_fwd import gluon_fwd_supported
+    """FOXKERNELS_FWD=gluon, FOXKERNELS_DQ=gluon and FOXKERNELS_DKDV=gluon (the Hopper kernels, GPU-only: Gluon does
+    not run under the interpreter) leave every input they do not support, here CPU tensors, to the Triton kernels:
+    the same values as the default path, bit for bit. A misspelt switch is refused by name."""
+    from foxkernels.launch import _gluon_wanted
     q, k, v, g, do = _inputs(1, 150, 2, 1, 32, torch.float32, seed=41)
-    assert not gluon_fwd_supported(q[0], k[0], causal=True, tile=128)
-    assert not gluon_bwd_supported(q[0], k[0], causal=True, tile=128)
-    base = _grads(lambda *x: foxkernels.forgetting_attention(*x, return_lse=True, tile=32), q, k, v, g, do)
-    monkeypatch.setenv("FOXKERNELS_FWD", "gluon")
+    plan = type("P", (), dict(causal=True, tile=128))()
+    for kern in ("fwd", "dq", "dkdv"):
+        monkeypatch.setenv("FOXKERNELS_" + kern.upper(), "gluon")
+        assert not _gluon_wanted(kern, q[0], k[0], plan)
+    monkeypatch.setenv("FOXKERNELS_DQ", "gluom")
+    with pytest.raises(ValueError, match="FOXKERNELS_DQ='gluom'"):
+        _gluon_wanted("dq", q[0], k[0], plan)
     monkeypatch.setenv("FOXKERNELS_DQ", "gluon")
-    monkeypatch.setenv("FOXKERNELS_DKDV", "gluon")
     got = _grads(lambda *x: foxkernels.forgetting_attention(*x, return_lse=True, tile=32), q, k, v, g, do)
+    for kern in ("FWD", "DQ", "DKDV"):
+        monkeypatch.delenv("FOXKERNELS_" + kern)
+    base = _grads(lambda *x: foxkernels.forgetting_attention(*x, return_lse=True, tile=32), q, k, v, g, do)
     for a, b in zip([got[0], got[1], *got[2]], [base[0], base[1], *base[2]]):
         assert torch.equal(a, b)

@@ -3,7 +3,7 @@
 For each setting in ``GLUON_SPECS`` (``NAME=VALUE[|NAME=VALUE...]`` as in ``bench/attention.py --ab``; default
 ``DKDV=gluon``, ``DQ=gluon``, ``FWD=gluon`` and all three), runs forward and backward on bf16 inputs with mixed gates (odd T, GQA,
 varlen with a 1-token document, ACP, head dims 64 and 128) and prints the relative error of o, lse, dq, dk, dv, dg
-against the default (Triton) path; a row fails when any error exceeds ``TOL`` (default 2e-2: both paths round
+against the Triton kernels; a row fails when any error exceeds ``TOL`` (default 2e-2: both paths round
 to bf16, differently ordered). From the repository root:
 
     FOXDIST_COMMIT=$(git rev-parse --short HEAD) PYTHONPATH=kernels:. python bench/ab/gluon_bwd.py OUTDIR
@@ -38,9 +38,13 @@ def env_of(spec):
     return env
 
 
+TRITON = {"FOXKERNELS_FWD": "triton", "FOXKERNELS_DQ": "triton", "FOXKERNELS_DKDV": "triton"}
+
+
 def run(env, q, k, v, g, do, **kw):
+    """Outputs and gradients with every kernel in its Triton form except those ``env`` switches."""
     xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g)]
-    with B.env_set(env):
+    with B.env_set({**TRITON, **env}):
         o, lse = foxkernels.forgetting_attention(*xs, return_lse=True, **kw)
         o.backward(do)
     torch.cuda.synchronize()

@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init, warpgroup_mma_wait
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .gluon_fwd import _col_term, _ws_load
-from .launch import _capability
+from .gluon_fwd import _col_term, _desc, _ws_load
 
 
 @gluon.jit
@@ -335,22 +332,6 @@ def _config(kernel: str, d: int):
     if kernel == "dkdv":
         return (32, 64, 4) if d == 128 else (64, 64, 3)
     return (64, 64, 2) if d == 128 else (64, 64, 3)
-
-
-def gluon_bwd_supported(q, k, causal: bool, tile: int) -> bool:
-    """This path's limits: Hopper or newer, causal self-attention, bf16, head dim 64 or 128, rows of ``H * D``
-    contiguous elements (TMA), blocks dividing the ACP unit."""
-    return (q.is_cuda and _capability(q.device.index)[0] >= 9 and causal
-            and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.shape[-1] in (64, 128)
-            and tile % 128 == 0 and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k)))
-
-
-def _desc(x, rows):
-    """TMA descriptor over ``x [N, Hx, D]`` seen as ``[N, Hx * D]``, blocks of ``[rows, D]``."""
-    d = x.shape[-1]
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)
-    x2 = x.view(x.shape[0], x.shape[1] * d)
-    return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
 
 
 def gluon_dkdv(q, k, v, do, plan, scale, lse2, delta, dk, dv, dc, ends, use_acp):

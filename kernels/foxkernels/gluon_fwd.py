@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -43,7 +42,6 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .launch import _capability
 
 
 @gluon.jit
@@ -269,12 +267,12 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
                 mbarrier.invalidate(vbar.index(s))
 
 
-def gluon_fwd_supported(q, k, causal: bool, tile: int) -> bool:
-    """This path's limits: Hopper or newer, causal self-attention, bf16, head dim 64 or 128, rows of ``H * D``
-    contiguous elements (TMA), tiles of 128 (the query block) dividing the ACP unit."""
-    return (q.is_cuda and _capability(q.device.index)[0] >= 9 and causal
-            and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.shape[-1] in (64, 128)
-            and tile % 128 == 0 and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k)))
+def _desc(x, rows):
+    """TMA descriptor over ``x [N, Hx, D]`` (bf16) seen as ``[N, Hx * D]``, blocks of ``[rows, D]``."""
+    d = x.shape[-1]
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)
+    x2 = x.view(x.shape[0], x.shape[1] * d)
+    return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
 
 
 def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
@@ -284,16 +282,11 @@ def gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp):
     bm, bn, nb, warps = (int(x) for x in os.environ.get("FOXKERNELS_GLUON", "64,64,3,4").split(","))
     assert bm == 16 * warps and plan.tile % bm == 0, (bm, warps)
 
-    def desc(x, rows):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)
-        x2 = x.view(x.shape[0], x.shape[1] * d)
-        return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
-
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
-    ws = os.environ.get("FOXKERNELS_GLUON_WS") == "1"
+    ws = os.environ.get("FOXKERNELS_GLUON_WS", "1") == "1"
     extra = dict(maxnreg=int(os.environ.get("FOXKERNELS_GLUON_MAXNREG", "128"))) if ws else {}
     _gluon_fwd_kernel[grid](
-        desc(q, bm), desc(k, bn), desc(v, bn), plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound,
+        _desc(q, bm), _desc(k, bn), _desc(v, bn), plan.cq, plan.ck, plan.bq, plan.bk, o, lse, bound,
         plan.cu_q, plan.cu_k, o.stride(0), o.stride(1),
         plan.cq.stride(0), plan.cq.stride(1), plan.ck.stride(0), plan.ck.stride(1),
         plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), lse.stride(0), lse.stride(1),

@@ -233,11 +233,10 @@ def _run_fwd(q, k, v, plan: _Plan, scale, out_dtype):
         bound, use_acp = plan.zero_table(), True
     if bound is None:
         bound = lse  # dummy pointer when ACP is off
-    if os.environ.get("FOXKERNELS_FWD") == "gluon":
-        from .gluon_fwd import gluon_fwd, gluon_fwd_supported  # experimental, GPU only
-        if gluon_fwd_supported(q, k, plan.causal, plan.tile):
-            gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp)
-            return o, lse
+    if _gluon_wanted("fwd", q, k, plan):
+        from .gluon_fwd import gluon_fwd
+        gluon_fwd(q, k, v, plan, scale, o, lse, bound, use_acp)
+        return o, lse
     grid = (triton.cdiv(plan.max_q, bm), plan.n_docs, h)
     tma, (kd, vd) = _tma_operands("fwd", bn, k, v)
     _fwd_kernel[grid](
@@ -316,15 +315,46 @@ def _run_bwd(do, q, k, v, plan: _Plan, scale, lse2, delta, grad_dtype):
 
 
 def _gluon_bwd(q, k, plan: _Plan) -> dict:
-    """The Gluon backward launchers that this call takes (``FOXKERNELS_DQ=gluon``, ``FOXKERNELS_DKDV=gluon``), by
-    kernel name; none where :func:`foxkernels.gluon_bwd.gluon_bwd_supported` refuses the inputs."""
-    want = [kern for kern in ("dq", "dkdv") if os.environ.get("FOXKERNELS_" + kern.upper()) == "gluon"]
+    """The Gluon backward launchers that this call takes (see :func:`_gluon_wanted`), by kernel name."""
+    want = [kern for kern in ("dq", "dkdv") if _gluon_wanted(kern, q, k, plan)]
     if not want:
         return {}
-    from . import gluon_bwd  # experimental, GPU only (imports Gluon)
-    if not gluon_bwd.gluon_bwd_supported(q, k, plan.causal, plan.tile):
-        return {}
+    from . import gluon_bwd
     return {kern: getattr(gluon_bwd, "gluon_" + kern) for kern in want}
+
+
+def _gluon_wanted(kernel: str, q, k, plan: _Plan) -> bool:
+    """Whether ``kernel`` (fwd, dq, dkdv) runs in its Gluon form (:mod:`foxkernels.gluon_fwd`,
+    :mod:`foxkernels.gluon_bwd`) for these inputs.
+
+    ``FOXKERNELS_FWD`` / ``FOXKERNELS_DQ`` / ``FOXKERNELS_DKDV`` = ``gluon`` or ``triton`` choose; by default Gluon
+    where it measured faster: all three kernels at D128, the dkdv kernel at D64 (same-run A/B on the H200,
+    ``bench/results/attention-h200-2026-12-04-ab-gluon-acbfb0f.json``; the kernel header has the numbers). Either
+    way only where the Gluon kernels apply: a Hopper (or newer) GPU, Triton 3.6 (Gluon is an experimental API that
+    changes between releases), causal attention, bf16, head dim 64 or 128, rows of ``H * D`` contiguous elements
+    (TMA descriptors) and tiles dividing the ACP unit.
+    """
+    d = q.shape[-1]
+    env = os.environ.get("FOXKERNELS_" + kernel.upper())
+    if env not in (None, "gluon", "triton"):
+        raise ValueError(f"FOXKERNELS_{kernel.upper()}={env!r}: use 'gluon' or 'triton'")
+    if env == "triton" or (env is None and not (d == 128 or (kernel == "dkdv" and d == 64))):
+        return False
+    return (q.is_cuda and _gluon_triton() and _capability(q.device.index)[0] >= 9 and plan.causal
+            and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and d in (64, 128) and plan.tile % 128 == 0
+            and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k)))
+
+
+@functools.lru_cache(maxsize=1)
+def _gluon_triton() -> bool:
+    """Triton 3.6 with its Gluon dialect importable (the API the Gluon kernels were written and measured on)."""
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) != (3, 6):
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _bwd_pre(o, do, lse):
