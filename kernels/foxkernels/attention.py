@@ -4,8 +4,8 @@ context-parallel block primitive.
 Layout: this module holds the entry points (:func:`forgetting_attention`, :func:`block_attention_fwd`,
 :func:`block_attention_bwd`) and their PyTorch glue; the kernels are in :mod:`foxkernels.forward`,
 :mod:`foxkernels.backward` and :mod:`foxkernels.acp` (shared helpers in :mod:`foxkernels.common`), their
-launches, tile configurations and A/B switches in :mod:`foxkernels.launch`; an experimental Gluon forward in
-:mod:`foxkernels.gluon_fwd`. The notes below cover all of them.
+launches, tile configurations and A/B switches in :mod:`foxkernels.launch`; Hopper forward, dq and dkdv kernels in
+Triton's Gluon dialect in :mod:`foxkernels.gluon_fwd` and :mod:`foxkernels.gluon_bwd`. The notes below cover all of them.
 
 Math. ``s_ij = scale q_i.k_j + c_i - c_j`` (``c`` = prefix sum of the log forget gate ``g <= 0``),
 causal (or full, for an off-diagonal context-parallel block), softmax over j, ``o_i = sum_j p_ij v_j``.
@@ -198,23 +198,30 @@ ms dense (same run).
   spills make it much worse. The
   GPU check also hit an illegal-instruction error on its varlen case (not investigated, as the path was
   dropped); the dense and ACP cases matched the dq kernel's errors. Not deterministic either.
-* **A Gluon forward, experimental** (:mod:`foxkernels.gluon_fwd`, ``FOXKERNELS_FWD=gluon``, off by default).
-  Gluon's explicit ``warpgroup_mma(is_async=True)`` / ``warpgroup_mma_wait`` give FA3's in-warpgroup overlap that
-  ``tl.dot`` cannot express. First form 1.5-1.7x the Triton forward's time (the decay column's load latency was
-  exposed every trip); with that load a trip ahead, 1.06-1.08x at D128 and 1.34x dense / 0.91x ACP at D64
-  (one warpgroup per CTA; two warpgroups 1.09-1.30x). Outputs bitwise equal to the Triton forward at D128.
-  Warp specialisation (``FOXKERNELS_GLUON_WS=1``: one TMA loader warp, ready/empty mbarriers, ``setmaxnreg``) ran
-  correctly at the first try but did not win either (``...-gluon-fwd-ws.json``, ``...-gluon-fwd-v3.json``; forward
-  time against the Triton forward at T16k D64 / T32k D128 / T64k D128, dense): one consumer warpgroup 1.23 / 1.05
-  / 1.06x, with 4 slots 1.02 / 1.59 / 1.60x (one CTA per SM); two consumer warpgroups sharing K/V at 240
-  registers 1.31 / 1.12 / 1.10x. Tiles of 128 keys spill at D128 in every Gluon form (the decay column costs 32
-  registers per thread per tile on top of FA3's budget). **These Gluon timings did not test the overlap**: found
-  offline afterwards, ptxas serialised every wgmma of all these kernels (its warning C7514, "non wgmma instructions
-  reading accumulator registers of a wgmma between start and end of the pipeline stage": the fp32 score tile
-  carried across trips was copied while the next one was in flight). FA3's order (the softmax of the tile just
-  retired while ``P V`` of the previous runs; no score tile carried) compiles with no such warning, at 196 instead
-  of 250 registers; it is on branch ``wip/gluon-fa3`` with a warp-specialised Gluon dkdv kernel, both compiled
-  for sm_90a but not yet run on a GPU.
+* **Gluon kernels: the defaults at D128 (all three) and for dkdv at D64** (:mod:`foxkernels.gluon_fwd`,
+  :mod:`foxkernels.gluon_bwd`; :func:`foxkernels.launch._gluon_wanted` chooses, ``FOXKERNELS_FWD/DQ/DKDV=gluon|triton``
+  override). Gluon's explicit ``warpgroup_mma(is_async=True)`` / ``warpgroup_mma_wait``, TMA and
+  ``gl.warp_specialize`` give what ``tl.dot`` cannot: products in flight while the warpgroup computes. Each kernel
+  has a one-warp TMA loader partition feeding a ring of slots (ready/empty mbarriers) and one consumer warpgroup at
+  232 registers (``maxnreg=128``; two CTAs per SM). Forward in FA3's order: ``S_{j+1}`` and ``P_j V_j`` issued
+  together, the softmax of ``S_{j+1}`` under ``P_j V_j``; dq: ``S`` and ``dP`` issued together, the exponentials
+  under ``dP``, ``dq += dS k`` left in flight into the next trip; dkdv: ``S^T`` and ``dP^T`` together, ``dV`` and
+  ``dK`` left in flight into the next trip. The decay column and row statistics of the next tile are loaded a trip
+  ahead (loaded in the softmax, their latency was exposed: the first Gluon forward took 1.5-1.7x the Triton one).
+  Same-run A/B on the H200 at ``acbfb0f`` (``bench/results/attention-h200-2026-12-04-ab-gluon-acbfb0f.json``,
+  fwd+bwd against the Triton kernels): dkdv alone 0.903-0.920x at T16k D64 and 0.944-0.954x at D128; dkdv + dq
+  0.909-0.928x at D64 and 0.909-0.922x at D128; all three 0.899-0.971x at D64 and 0.893-0.902x at D128. Forward
+  configs (``...-gluon-fwd-fa3-acbfb0f.json``, forward time against the Triton forward): ``64,64,3,4`` with the
+  loader warp 0.874-0.949x (the default), without it 0.917-0.965x, two slots 1.03-1.26x, two consumer
+  warpgroups ``128,64,3,8`` 0.98-1.11x. At D64 the Gluon forward alone is faster but fwd+bwd with it was slower in
+  two runs (1.04-1.05x dense and near-1, 0.98x ACP; ``...-ab-gluon-fwd-d64-df1eb25.json``; not understood), so D64
+  keeps the Triton forward and dq. Outputs equal the Triton kernels' bit for bit at D128 and within 3e-4 (o) and
+  7e-4 (gradients) at D64, on odd T, varlen with a 1-token document, GQA and ACP (``...-gluon-check-*.json``).
+  Lessons: ptxas serialises every wgmma of a kernel that reads an accumulator while a product into it is in flight
+  (warning C7514; every Gluon forward measured before ``8466ba7`` had it and took 1.02-1.6x the Triton forward), so
+  accumulators are only touched between trips and the register operands of in-flight products are listed in the
+  next wait's ``deps``; check ``ptxas -arch=sm_90a -v`` for C75xx before spending GPU time. Gluon is an
+  experimental API: the Gluon kernels run only with Triton 3.6, on Hopper or newer, causal, bf16, D64/D128.
 * **Loop-invariant dot operands in registers, tried and rejected** (``5f230ae``, same-run A/B on the H200,
   ``bench/results/attention-h200-2026-12-04-ab-rega.json``). Triton feeds every ``tl.dot`` operand that is a
   loaded tile through shared memory (TTGIR: both wgmma operands ``memdesc``, "SS"), so each trip of the dkdv
@@ -226,23 +233,18 @@ ms dense (same run).
   not what limits these kernels; the longer register lifetimes cost more. The Gluon forward with q in registers
   (same run): 1.24 / 1.12 / 1.09x the Triton forward, no better than with q in shared memory.
 
-Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128). Only H200s were
-lent on 2026-12-04; the H200 has the H100's arithmetic rates (SDPA's and FLA's times below match the H100
-runs within 1-3%). Full run at ``d15d907`` (``bench/results/attention-h200-2026-12-04-d15d907.json``; every
-implementation ~2.5% slower than in the run at ``43b122b`` before it, SDPA too): ours dense 10.17 / 41.43 / 165.4;
-SDPA flash backend, same run, 10.35 / 47.77 / 190.7 (ratio 0.98 / 0.87 / 0.87); SDPA's default (cuDNN) 6.86 /
-29.05 / 112.9 (ratio 1.48 / 1.43 / 1.47); FLA 0.6.0 21.4 / 74.1 / 295; ACP on near-1 gates +0.7 / -1.2 / +0.2%
-against dense on the same gates; ACP on mixed gates 4.28 / 14.22 / 42.48, i.e. 0.58 / 0.79 / 0.78 of the
-official kernel's ACP times (7.33 / 18.10 / 54.18, H100, from the issue; 0.59 / 0.77 / 0.76 at ``43b122b``).
-Profile (T64k, ms per fwd+bwd): dense fwd 42.8 / dq 48.6 / dkdv 76.8; ACP on mixed gates 10.8 / 12.2 / 18.7 with
-76% of units pruned. Other head dims, same run: T16k H8 D256 17.18 (flash 14.48, cuDNN 9.25; FLA fails for lack of
-shared memory), T16k H32 D32 10.29 (flash 9.45, cuDNN 8.31). In matmul terms (T32k D128 dense) the forward runs at
-~420 TFLOP/s, dq at ~550, dkdv at ~470 (bf16 peak ~990); cuDNN's whole fwd+bwd, counting five backward GEMMs, at
-~550. The gap to cuDNN is the kernel's matmul efficiency, not the decay: without any decay term the same kernel
-was only 8-15% faster. Closing it needs what Triton's ``tl.dot`` does not give on Hopper (the tries above
-failed): wgmma kept in flight across the softmax with warp-specialised producer and consumer warpgroups taking
-turns (FA3), through Triton's Gluon dialect (the experimental forward above, warp-specialised, is the start; it
-lacks pingpong between consumer warpgroups, and the backward, 75% of the time, has no Gluon form yet).
+Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128; H200, which has the
+H100's arithmetic rates). Full run at ``df1eb25`` (``bench/results/attention-h200-2026-12-04-df1eb25.json``): ours
+dense 9.19 / 36.31 / 145.7; SDPA flash backend, same run, 10.35 / 46.96 / 187.8 (ratio 0.89 / 0.77 / 0.78); SDPA's
+default (cuDNN) 6.79 / 28.56 / 111.7 (ratio 1.35 / 1.27 / 1.30); FLA 0.6.0 21.4 / 74.5 / 294.5; ACP on near-1 gates
++0.1 / +1.7 / +0.1% against dense on the same gates; ACP on mixed gates 3.90 / 12.68 / 37.52, i.e. 0.53 / 0.70 /
+0.69 of the official kernel's ACP times (7.33 / 18.10 / 54.18, H100, from the issue). Profile (T64k, ms per
+fwd+bwd): dense fwd 37.5 / dq 41.4 / dkdv 71.0 (the Triton kernels: 42.8 / 48.6 / 76.8 at ``d15d907``); ACP on
+mixed gates 9.6 / 10.0 / 16.8 with 76% of units pruned. Other head dims (Triton kernels), same run: T16k H8 D256
+17.19 (flash 14.39, cuDNN 9.10; FLA fails for lack of shared memory), T16k H32 D32 10.35 (flash 9.52, cuDNN 8.28).
+In matmul terms (T32k D128 dense) the forward runs at ~450 TFLOP/s, dq at ~650, dkdv at ~520 (bf16 peak ~990);
+cuDNN's whole fwd+bwd, counting five backward GEMMs, at ~560. Next: two consumer warpgroups in pingpong (FA3), the
+forward and dkdv being the furthest from cuDNN, and Gluon kernels for D32/D256.
 """
 
 

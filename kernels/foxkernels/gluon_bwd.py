@@ -1,4 +1,6 @@
-"""Experimental Hopper dkdv kernel in Triton's Gluon dialect (``FOXKERNELS_DKDV=gluon``; GPU only).
+"""Hopper dkdv and dq kernels in Triton's Gluon dialect (``FOXKERNELS_DKDV`` / ``FOXKERNELS_DQ`` = ``gluon|triton``;
+GPU only): the dkdv kernel is the default at head dims 64 and 128, the dq kernel at 128 (timings in the kernel header
+of :mod:`foxkernels.attention`).
 
 Why: the dkdv kernel is the largest share of fwd+bwd (T64k D128 on the H200: 76.8 of 168 ms; fwd 42.8, dq 48.6),
 about 460 TFLOP/s over its four products. Triton's ``tl.dot`` waits on every wgmma whose result the loop body uses,
@@ -21,8 +23,10 @@ serialise every wgmma: warning C7514). Same math, inputs and outputs as :func:`f
 loop over the query heads of the kv head, varlen); causal self-attention with bf16 inputs and head dim 64 or 128
 only: the caller falls back to the Triton kernel otherwise. Rows past a document's end get ``stat = +inf`` (so
 ``P = 0``) instead of masked loads; TMA reads whatever lies there (another document, or zeros past the tensor).
-Gluon kernels do not run under ``TRITON_INTERPRET``: the GPU check is ``bench/ab/gluon_bwd.py``; the CPU tests
-check the dispatch only.
+The dq kernel (:func:`_dq_trip`) keeps q and do resident, streams K and V through the forward's loader warp, issues
+``S`` and ``dP`` together, runs the exponentials under ``dP`` and leaves ``dq += dS k_j`` in flight into the next trip.
+Gluon kernels do not run under ``TRITON_INTERPRET``: the GPU check is ``bench/ab/gluon_bwd.py`` (every output and
+gradient against the Triton kernels); the CPU tests check the dispatch only.
 """
 
 from __future__ import annotations

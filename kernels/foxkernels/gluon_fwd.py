@@ -1,34 +1,20 @@
-"""Experimental Hopper forward in Triton's Gluon dialect (``FOXKERNELS_FWD=gluon``; GPU only).
+"""Hopper forward in Triton's Gluon dialect: the default at head dim 128 (``FOXKERNELS_FWD=gluon|triton``; GPU only).
 
 Why: Triton's ``tl.dot`` waits on every wgmma whose result the loop body uses, so a tile's softmax never
-overlaps the tensor cores within a warpgroup (kernel header of :mod:`foxkernels.attention`, "Software-pipelined
-wgmma"). Gluon exposes ``warpgroup_mma(is_async=True)`` and ``warpgroup_mma_wait(num_outstanding)``, which
-allow FA3's in-warpgroup schedule: per key tile j
-
-1. issue ``S_{j+1} = q k_{j+1}^T`` (asynchronous),
-2. softmax of ``S_j`` (overlaps 1 and the previous ``P V``),
-3. wait until only ``S_{j+1}`` is outstanding (``P_{j-1} V_{j-1}`` done), rescale ``acc``,
-4. issue ``acc += P_j V_j`` (asynchronous), wait for ``S_{j+1}``,
-
-with K and V tiles arriving by TMA into an ``NB``-slot ring guarded by mbarriers. The next tile's decay column
-is loaded a trip ahead (loaded in the softmax, its latency was exposed: 1.5-1.7x the Triton forward's time,
-``bench/results/attention-h200-2026-12-04-gluon-fwd.json``).
-
-Measured on the H200 (``bench/results/attention-h200-2026-12-04-gluon-fwd-v2.json``, forward ms, Triton / Gluon
-with ``BM,BN,NB,warps = 64,64,3,4``, the default here: one warpgroup per CTA; two fit on an SM with 112 KB of shared memory and 250 registers): T16k D64 dense
-2.97 / 3.98, ACP mixed 1.29 / 1.17; T32k D128 dense 10.32 / 11.18, ACP 3.56 / 3.80; T64k D128 dense 41.9 / 45.1,
-ACP 10.6 / 11.3 (faster only at D64 with ACP). ``128,64,5,8`` (two warpgroups, a 5-slot ring) 1.09-1.30x, ``128,64,3,8`` 1.07-1.42x. Outputs
-are bitwise equal to the Triton forward's at D128 (the same tile order) and within 3e-4 at D64. So this is not
-faster yet; what it lacks against FA3 is warp specialisation (a producer warp for the TMA loads, and two consumer
-warpgroups taking turns on the tensor cores), which Gluon's ``gl.warp_specialize`` offers: :func:`_gluon_fwd_kernel`
-with ``WS`` (``FOXKERNELS_GLUON_WS=1``) has the loader warp and was measured next (``...-gluon-fwd-ws.json``, ``...-gluon-fwd-v3.json``):
-``64,64,3,4`` 1.23 / 1.05 / 1.06x the Triton forward dense at T16k D64 / T32k D128 / T64k D128 (ACP 1.09 / 1.04 /
-1.06x), ``128,64,3,8`` with ``FOXKERNELS_GLUON_MAXNREG=168`` (two consumer warpgroups at 240 registers sharing K/V)
-1.31 / 1.12 / 1.10x. Pingpong between two consumer warpgroups is the piece of FA3 not tried yet. Same math and inputs as
-:func:`foxkernels.forward._fwd_kernel` (tile-local prefix sums plus an fp64 base per tile, ACP bound table),
-causal self-attention only; the caller falls back to the Triton kernel otherwise. Gluon kernels do not run
-under ``TRITON_INTERPRET``, so this path is checked on the GPU only, by ``bench/ab/gluon_fwd.py`` (o and lse
-against the Triton forward on odd T, varlen, GQA and ACP, then timings); the CPU tests check only its dispatch.
+overlaps the tensor cores within a warpgroup. Gluon exposes ``warpgroup_mma(is_async=True)`` and
+``warpgroup_mma_wait(num_outstanding)``, which allow FA3's in-warpgroup order (:func:`_fa3_step`): per key tile j,
+issue ``S_{j+1} = q k_{j+1}^T`` and ``acc += P_j V_j``; once ``S_{j+1}`` retires its softmax runs while ``P_j V_j``
+is still on the tensor cores. K and V arrive by TMA into an ``NB``-slot ring guarded by mbarriers, filled by a
+one-warp loader partition (``WS``, the default: ``gl.warp_specialize`` with ``maxnreg=128``, so that ``setmaxnreg``
+gives the loader 24 registers and the consumer warpgroup 232 and two CTAs of ``BM = 64`` fit on an SM) or by the
+consumer itself (``FOXKERNELS_GLUON_WS=0``). The decay column of the next tile is loaded a trip ahead (loaded in the
+softmax, its latency was exposed: 1.5-1.7x the Triton forward's time). Tile config ``FOXKERNELS_GLUON=BM,BN,NB,warps``
+(default ``64,64,3,4``). Timings, and why earlier Gluon forms were slower (ptxas serialised their wgmmas: C7514),
+in the kernel header of :mod:`foxkernels.attention`. Same math and inputs as :func:`foxkernels.forward._fwd_kernel`
+(tile-local prefix sums plus an fp64 base per tile, ACP bound table, varlen, GQA), causal only; which inputs take
+this path: :func:`foxkernels.launch._gluon_wanted`. Gluon kernels do not run under ``TRITON_INTERPRET``: the GPU
+checks are ``bench/ab/gluon_fwd.py`` (o, lse; configs) and ``bench/ab/gluon_bwd.py`` (all gradients); the CPU tests
+check the dispatch only.
 """
 
 from __future__ import annotations
@@ -206,11 +192,10 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
                       sm_scale2, max_units, H, GROUP,
                       D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
                       USE_ACP: gl.constexpr, NB: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
-    """One query tile per program. ``WS`` (``FOXKERNELS_GLUON_WS=1``): warp specialisation, one loader warp feeds the
-    K/V ring through TMA; launched with ``maxnreg=128`` (``FOXKERNELS_GLUON_MAXNREG``), so that ``setmaxnreg`` gives
-    the loader 24 registers and the consumer warpgroup 232 and two CTAs of ``BM = 64`` (112 KB of shared memory each)
-    fit on an SM; ``BM = 128`` on 8 warps wants ``FOXKERNELS_GLUON_MAXNREG=168`` (consumers at 240). Outputs equal the
-    Triton forward's (bitwise at D128); timings in the module docstring."""
+    """One query tile per program (heaviest first). ``WS``: one loader warp feeds the K/V ring through TMA; launched
+    with ``maxnreg=128`` (``FOXKERNELS_GLUON_MAXNREG``): the loader gets 24 registers, the consumer warpgroup 232, and
+    two CTAs of ``BM = 64`` (112 KB of shared memory each) fit on an SM; ``BM = 128`` on 8 warps wants
+    ``FOXKERNELS_GLUON_MAXNREG=168``. Outputs equal the Triton forward's (bitwise at D128)."""
     pid = gl.program_id(0)
     z = gl.program_id(1)
     h = gl.program_id(2)
