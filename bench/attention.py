@@ -315,6 +315,15 @@ def variants(device, results):
     results["decay_mode_variants_ms_fwd_fwdbwd"] = res
 
 
+def parse_spec(spec: str) -> dict:
+    """``NAME=VALUE[|NAME=VALUE...]`` -> environment variables (``FOXKERNELS_`` prefixed where it is left out)."""
+    env = {}
+    for part in spec.split("|"):
+        key, val = part.split("=", 1)
+        env[key if key.startswith("FOXKERNELS_") else "FOXKERNELS_" + key] = val
+    return env
+
+
 def ab(device, results, specs, shapes, rounds=2):
     """Same-run A/B of kernel settings given as environment variables.
 
@@ -326,14 +335,7 @@ def ab(device, results, specs, shapes, rounds=2):
     The outputs of every spec are compared with the first spec's (relative error), so a setting that
     changes results shows up here.
     """
-    def parse(spec):
-        env = {}
-        for part in spec.split("|"):
-            key, val = part.split("=", 1)
-            env[key if key.startswith("FOXKERNELS_") else "FOXKERNELS_" + key] = val
-        return env
-
-    envs = [parse(sp) for sp in specs]
+    envs = [parse_spec(sp) for sp in specs]
     gen = torch.Generator(device=device).manual_seed(5)
     res = {}
     for name in shapes:

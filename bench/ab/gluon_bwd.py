@@ -30,14 +30,6 @@ res = dict(command=f"GLUON_SPECS='{' '.join(specs)}' PYTHONPATH=kernels:. python
            date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=B._git_commit(), tol=tol, checks=[])
 
 
-def env_of(spec):
-    env = {}
-    for part in spec.split("|"):
-        key, val = part.split("=", 1)
-        env[key if key.startswith("FOXKERNELS_") else "FOXKERNELS_" + key] = val
-    return env
-
-
 TRITON = {"FOXKERNELS_FWD": "triton", "FOXKERNELS_DQ": "triton", "FOXKERNELS_DKDV": "triton"}
 
 
@@ -66,7 +58,7 @@ for t, h, hkv, d, varlen, acp in cases:
     kw = dict(cu_seqlens=cu, acp_delta=delta)
     base = run({}, q, k, v, g, do, **kw)
     for spec in specs:
-        got = run(env_of(spec), q, k, v, g, do, **kw)
+        got = run(B.parse_spec(spec), q, k, v, g, do, **kw)
         errs = {n: B.rel(a, b) for n, a, b in zip(["o", "lse", "dq", "dk", "dv", "dg"], got, base)}
         bad = [n for n, e in errs.items() if not e <= tol]
         ok &= not bad

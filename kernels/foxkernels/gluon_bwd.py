@@ -39,7 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init, warpgroup_mma_wait
 
-from .gluon_fwd import _col_term, _desc, _ws_load
+from .gluon_fwd import _col_term, _desc, _doc_extent, _ws_load
 
 
 @gluon.jit
@@ -176,10 +176,7 @@ def _gluon_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, CK, BQ, BK, LSE2, DELTA,
     pid = gl.program_id(0)
     z = gl.program_id(1)
     hk = gl.program_id(2)
-    qs = gl.load(CU_Q + z)
-    lq = gl.load(CU_Q + z + 1) - qs
-    ks = gl.load(CU_K + z)
-    lk = gl.load(CU_K + z + 1) - ks
+    qs, lq, ks, lk = _doc_extent(CU_Q, CU_K, z)
     n0 = pid * BN
     if n0 < lk:
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, BM, D], q_desc.layout)
@@ -286,10 +283,7 @@ def _gluon_dq_kernel(q_desc, do_desc, k_desc, v_desc, CK, BQ, BK, LSE2, DELTA, D
     pid = gl.program_id(0)
     z = gl.program_id(1)
     h = gl.program_id(2)
-    qs = gl.load(CU_Q + z)
-    lq = gl.load(CU_Q + z + 1) - qs
-    ks = gl.load(CU_K + z)
-    lk = gl.load(CU_K + z + 1) - ks
+    qs, lq, ks, lk = _doc_extent(CU_Q, CU_K, z)
     i0 = (gl.num_programs(0) - 1 - pid) * BM
     if i0 < lq:
         hk = h // GROUP

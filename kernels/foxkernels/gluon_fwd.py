@@ -31,6 +31,14 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
 @gluon.jit
+def _doc_extent(CU_Q, CU_K, z):
+    """First query row, query count, first key row and key count of document ``z``."""
+    qs = gl.load(CU_Q + z)
+    ks = gl.load(CU_K + z)
+    return qs, gl.load(CU_Q + z + 1) - qs, ks, gl.load(CU_K + z + 1) - ks
+
+
+@gluon.jit
 def _load_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, t, lo, n, ks, hk,
              BN: gl.constexpr, D: gl.constexpr, NB: gl.constexpr):
     """TMA loads of key tile ``t`` (in-document rows ``lo + t * BN``) into ring slot ``t % NB``; no-op if t >= n."""
@@ -199,10 +207,7 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, CQ, CK, BQ, BK, O, LSE, BOUND, CU_
     pid = gl.program_id(0)
     z = gl.program_id(1)
     h = gl.program_id(2)
-    qs = gl.load(CU_Q + z)
-    lq = gl.load(CU_Q + z + 1) - qs
-    ks = gl.load(CU_K + z)
-    lk = gl.load(CU_K + z + 1) - ks
+    qs, lq, ks, lk = _doc_extent(CU_Q, CU_K, z)
     i0 = (gl.num_programs(0) - 1 - pid) * BM  # heaviest query tiles first
     if i0 < lq:
         hk = h // GROUP
