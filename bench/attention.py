@@ -397,10 +397,11 @@ def kernel_ms(fn, reps=3):
     return kern, avg.table(sort_by="device_time_total", row_limit=16)
 
 
-def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
+def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128"), key=None):
     """CUDA kernel time breakdown of one forward+backward (torch.profiler), dense (near-1 gates) and
     with ACP on mixed gates, next to the do_bench totals of the same case: what the kernels take and
-    what the PyTorch glue around them adds. Gradients are reset before every run, as in the timings."""
+    what the PyTorch glue around them adds. Gradients are reset before every run, as in the timings. ``key``
+(an A/B spec, with ``--ab``): the results go under ``profile_ms_per_fwdbwd[key]``."""
     gen = torch.Generator(device=device).manual_seed(3)
     out = {}
     for name in shapes:
@@ -427,7 +428,10 @@ def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128")):
             print(name, case, f"do_bench fwd {total[0]:.3f} fwd+bwd {total[1]:.3f} ms\n", table, flush=True)
             out[f"{name}/{case}"] = dict(do_bench_fwd_fwdbwd=total, kernels=kern, kernel_sum=sum(kern.values()))
         del q, k, v, do, xs
-    results["profile_ms_per_fwdbwd"] = out
+    if key is None:
+        results["profile_ms_per_fwdbwd"] = out
+    else:
+        results.setdefault("profile_ms_per_fwdbwd", {})[key] = out
 
 
 def _git_commit() -> str:
@@ -465,7 +469,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--variants", action="store_true", help="also the kernel variants of variants()")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help=f"shapes to time (default {list(SHAPES)}; also {list(EXTRA_SHAPES)})")
     ap.add_argument("--ab", nargs="+", metavar="SPEC",
-                    help="only an A/B of environment settings, e.g. TMA=none TMA=fwd (see ab())")
+                    help="only an A/B of environment settings, e.g. TMA=none TMA=fwd (see ab()); with --profile, "
+                         "the kernel breakdown under each setting instead")
     args = ap.parse_args(argv)
     unknown = [s for s in args.shapes if s not in ALL_SHAPES]
     if unknown:
@@ -500,6 +505,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         results["wall_s"] = time.time() - t0
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+    if args.ab and args.profile:  # the kernel breakdown under each setting
+        for spec in args.ab:
+            with env_set(parse_spec(spec)):
+                profile(device, results, args.shapes, key=spec)
+            save()
+        print("wrote", path)
+        return 0
     if args.ab:
         ab(device, results, args.ab, args.shapes)
         save()

@@ -3,7 +3,8 @@
 Checks o and lse of the Gluon kernel against the Triton kernel's (relative error; bf16, mixed gates, odd T,
 varlen + GQA, ACP), then times the forward (do_bench median, two interleaved rounds) at the issue's shapes,
 dense and with ACP on mixed gates, for each Gluon tile configuration in ``GLUON_CFGS`` (``BM,BN,NB,warps``
-separated by spaces, with optional flags: see ``cfg_env``). From the repository root:
+separated by spaces, with optional flags: see ``cfg_env``; ``GLUON_SHAPES``: only these of bench/attention.py's
+SHAPES). From the repository root:
 
     GLUON_CFGS="128,64,5,8 64,64,3,4" FOXDIST_COMMIT=$(git rev-parse --short HEAD) PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py OUTDIR
 
@@ -76,6 +77,8 @@ if os.environ.get("GLUON_CHECK_ONLY") == "1":  # a quick smoke run (e.g. under `
     sys.exit(0)
 
 for name, (t, h, d) in B.SHAPES.items():
+    if os.environ.get("GLUON_SHAPES") and name not in os.environ["GLUON_SHAPES"].split():
+        continue
     q, k, v = (torch.randn(1, t, h, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
     g = B.gates(t, h, "mixed", dev, gen)
     delta = acp_threshold(B.EPS, qk_bound(q, k, d ** -0.5), t).to(dev)
