@@ -207,7 +207,7 @@ def _gluon_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, CK, BQ, BK, LSE2, DELTA,
 @gluon.jit
 def _dq_trip(j, dq, dsb, colb, q_smem, do_smem, k_smem, v_smem, kbar, vbar, empty, zero_s, stat, di, CKh, bq, BKh,
              lo, n, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr,
-             op_a: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr, MASK: gl.constexpr):
+             op_a: gl.constexpr, row_s: gl.constexpr, col_s: gl.constexpr, col_l: gl.constexpr, MASK: gl.constexpr):
     """Key tile j: issue ``S = q k_j^T`` and ``dP = do v_j^T``; once S retires (and with it the previous tile's
     ``dq`` product), the exponentials run under ``dP``; then ``dS = P (dP - delta)`` and ``dq += dS k_j`` is left
     in flight into the next trip. ``colb``: tile j's decay column, loaded a trip ahead."""
@@ -219,13 +219,13 @@ def _dq_trip(j, dq, dsb, colb, q_smem, do_smem, k_smem, v_smem, kbar, vbar, empt
     qk, dq, dsb = warpgroup_mma_wait(num_outstanding=1, deps=(qk, dq, dsb))
     # the previous tile's k (its dq product) and v (its dP) are done with: its slot goes back to the loader
     mbarrier.arrive(empty.index((j + NB - 1) % NB), count=1, pred=j > 0)
-    x = qk * sm_scale2 - gl.expand_dims(colb, 0) - gl.expand_dims(stat, 1)
+    x = qk * sm_scale2 - gl.expand_dims(gl.convert_layout(colb, col_s), 0) - gl.expand_dims(stat, 1)
     if MASK:
         kn = lo + j * BN + gl.arange(0, BN, layout=col_s)
         offs_m = i0 + gl.arange(0, BM, layout=row_s)
         x = gl.where(gl.expand_dims(kn, 0) <= gl.expand_dims(offs_m, 1), x, float("-inf"))
     p = gl.exp2(x)
-    colb_next = _col_term(CKh, bq, BKh, lo + gl.minimum(j + 1, n - 1) * BN, lk, s_ck_t, s_bk_t, BN, col_s)
+    colb_next = _col_term(CKh, bq, BKh, lo + gl.minimum(j + 1, n - 1) * BN, lk, s_ck_t, s_bk_t, BN, col_l)
     dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
     ds = p * (dp - gl.expand_dims(di, 1))
     dsb = gl.convert_layout(ds.to(gl.bfloat16), op_a)
@@ -245,6 +245,7 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, qbar, kbar, vbar, empty, CKh, B
     op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_a, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
     col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    col_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     dq = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=mma_a))
     dsb = gl.zeros([BM, BN], gl.bfloat16, layout=op_a)
     zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
@@ -253,17 +254,17 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, qbar, kbar, vbar, empty, CKh, B
     # LSE2 holds lse2 - cq log2e (the row term of the decay); +inf past the document end, so P = 0 there
     stat = gl.load(LSE2 + (qs + offs_m) * s_l_t + h * s_l_h, mask=rm, other=float("inf"))
     di = gl.load(DELTA + (qs + offs_m) * s_l_t + h * s_l_h, mask=rm, other=0.0)
-    colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_s)
+    colb = _col_term(CKh, bq, BKh, lo, lk, s_ck_t, s_bk_t, BN, col_l)
     mbarrier.wait(qbar, 0)
     n_main = gl.minimum(gl.maximum(i0 - lo, 0) // BN, n)  # key tiles wholly below the diagonal
     for j in range(0, n_main):
         dq, dsb, colb = _dq_trip(j, dq, dsb, colb, q_smem, do_smem, k_smem, v_smem, kbar, vbar, empty, zero_s, stat,
                                  di, CKh, bq, BKh, lo, n, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB, op_a, row_s,
-                                 col_s, False)
+                                 col_s, col_l, False)
     for j in range(n_main, n):
         dq, dsb, colb = _dq_trip(j, dq, dsb, colb, q_smem, do_smem, k_smem, v_smem, kbar, vbar, empty, zero_s, stat,
                                  di, CKh, bq, BKh, lo, n, i0, lk, s_ck_t, s_bk_t, sm_scale2, BM, BN, NB, op_a, row_s,
-                                 col_s, True)
+                                 col_s, col_l, True)
     dq, dsb = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dsb))
     row: gl.constexpr = gl.SliceLayout(1, mma_a)
     col: gl.constexpr = gl.SliceLayout(0, mma_a)
