@@ -245,7 +245,13 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, qbar, kbar, vbar, empty, CKh, B
     op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_a, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
     col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
-    col_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    # the decay column one value per thread (see _col_term) at D64: the dq kernel alone 2.50 -> 2.42 ms (T16k, H200
+    # profile); at D128 it made the kernel slower (T64k 41.4 -> 48.1 ms), so there it is loaded in the column
+    # layout itself (the conversion is then a no-op)
+    if D == 64:
+        col_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    else:
+        col_l: gl.constexpr = col_s
     dq = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=mma_a))
     dsb = gl.zeros([BM, BN], gl.bfloat16, layout=op_a)
     zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)

@@ -328,9 +328,8 @@ def _gluon_wanted(kernel: str, q, k, plan: _Plan) -> bool:
     :mod:`foxkernels.gluon_bwd`) for these inputs.
 
     ``FOXKERNELS_FWD`` / ``FOXKERNELS_DQ`` / ``FOXKERNELS_DKDV`` = ``gluon`` or ``triton`` choose; by default Gluon
-    where it measured faster in fwd+bwd: all three kernels at D128, the dq and dkdv kernels at D64 (same-run A/Bs on
-    the H200, ``bench/results/attention-h200-2026-12-04-ab-gluon-{acbfb0f,1eb60ab}.json``; the kernel header has the
-    numbers and why the D64 forward stays Triton). Either
+    at both head dims it runs at, D64 and D128, for all three kernels (same-run A/Bs on the H200,
+    ``bench/results/attention-h200-2026-12-04-ab-gluon-*.json``; the kernel header has the numbers). Either
     way only where the Gluon kernels apply: a Hopper (or newer) GPU, Triton 3.6 (Gluon is an experimental API that
     changes between releases), causal attention, bf16, head dim 64 or 128, rows of ``H * D`` contiguous elements
     (TMA descriptors) and tiles dividing the ACP unit.
@@ -339,7 +338,7 @@ def _gluon_wanted(kernel: str, q, k, plan: _Plan) -> bool:
     env = os.environ.get("FOXKERNELS_" + kernel.upper())
     if env not in (None, "gluon", "triton"):
         raise ValueError(f"FOXKERNELS_{kernel.upper()}={env!r}: use 'gluon' or 'triton'")
-    if env == "triton" or (env is None and not (d == 128 or (kernel != "fwd" and d == 64))):
+    if env == "triton":
         return False
     return (q.is_cuda and _gluon_triton() and _capability(q.device.index)[0] >= 9 and plan.causal
             and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and d in (64, 128) and plan.tile % 128 == 0
