@@ -15,7 +15,8 @@ Usage (on a CUDA machine, from the repository root):
    (computed once outside the timed region, as a caller with a QK-norm bound would pass it).
 3. ``--sweep``: time kernel tile configurations (``FOXKERNELS_CONFIG``) to pick the defaults.
 4. ``--ab SPEC...``: only a same-run A/B of kernel settings passed as environment variables, e.g.
-   ``--ab TMA=none TMA=fwd "TMA=fwd|CONFIG=dkdv=64,128,8,2"`` (see :func:`ab`).
+   ``--ab TMA=none TMA=fwd "TMA=fwd|CONFIG=dkdv=64,128,8,2"`` (see :func:`ab`); with ``--profile``, the
+   kernel breakdown (:func:`profile`) under each setting instead.
 
 Writes ``attention-<gpu>-<date>.json`` into ``--out`` and prints a table.
 """

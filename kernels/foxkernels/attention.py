@@ -198,30 +198,51 @@ ms dense (same run).
   spills make it much worse. The
   GPU check also hit an illegal-instruction error on its varlen case (not investigated, as the path was
   dropped); the dense and ACP cases matched the dq kernel's errors. Not deterministic either.
-* **Gluon kernels: the defaults at D128 (all three) and for dkdv at D64** (:mod:`foxkernels.gluon_fwd`,
-  :mod:`foxkernels.gluon_bwd`; :func:`foxkernels.launch._gluon_wanted` chooses, ``FOXKERNELS_FWD/DQ/DKDV=gluon|triton``
-  override). Gluon's explicit ``warpgroup_mma(is_async=True)`` / ``warpgroup_mma_wait``, TMA and
-  ``gl.warp_specialize`` give what ``tl.dot`` cannot: products in flight while the warpgroup computes. Each kernel
-  has a one-warp TMA loader partition feeding a ring of slots (ready/empty mbarriers) and one consumer warpgroup at
-  232 registers (``maxnreg=128``; two CTAs per SM). Forward in FA3's order: ``S_{j+1}`` and ``P_j V_j`` issued
-  together, the softmax of ``S_{j+1}`` under ``P_j V_j``; dq: ``S`` and ``dP`` issued together, the exponentials
-  under ``dP``, ``dq += dS k`` left in flight into the next trip; dkdv: ``S^T`` and ``dP^T`` together, ``dV`` and
-  ``dK`` left in flight into the next trip. The decay column and row statistics of the next tile are loaded a trip
-  ahead (loaded in the softmax, their latency was exposed: the first Gluon forward took 1.5-1.7x the Triton one).
-  Same-run A/B on the H200 at ``acbfb0f`` (``bench/results/attention-h200-2026-12-04-ab-gluon-acbfb0f.json``,
-  fwd+bwd against the Triton kernels): dkdv alone 0.903-0.920x at T16k D64 and 0.944-0.954x at D128; dkdv + dq
-  0.909-0.928x at D64 and 0.909-0.922x at D128; all three 0.899-0.971x at D64 and 0.893-0.902x at D128. Forward
-  configs (``...-gluon-fwd-fa3-acbfb0f.json``, forward time against the Triton forward): ``64,64,3,4`` with the
-  loader warp 0.874-0.949x (the default), without it 0.917-0.965x, two slots 1.03-1.26x, two consumer
-  warpgroups ``128,64,3,8`` 0.98-1.11x. At D64 the Gluon forward alone is faster but fwd+bwd with it was slower in
-  two runs (1.04-1.05x dense and near-1, 0.98x ACP; ``...-ab-gluon-fwd-d64-df1eb25.json``; not understood), so D64
-  keeps the Triton forward and dq. Outputs equal the Triton kernels' bit for bit at D128 and within 3e-4 (o) and
-  7e-4 (gradients) at D64, on odd T, varlen with a 1-token document, GQA and ACP (``...-gluon-check-*.json``).
+* **Gluon kernels: the defaults at D64 and D128** (:mod:`foxkernels.gluon_fwd`, :mod:`foxkernels.gluon_bwd`;
+  :func:`foxkernels.launch._gluon_wanted` chooses, ``FOXKERNELS_FWD/DQ/DKDV=gluon|triton`` override). Gluon's explicit
+  ``warpgroup_mma(is_async=True)`` / ``warpgroup_mma_wait``, TMA and ``gl.warp_specialize`` give what ``tl.dot``
+  cannot: products in flight while the warpgroup computes. Each kernel has a one-warp TMA loader partition feeding a
+  ring of slots (ready/empty mbarriers) and one consumer warpgroup at 232 registers (``maxnreg=128``; two CTAs per
+  SM). Forward in FA3's order: ``S_{j+1}`` and ``P_j V_j`` issued together, the softmax of ``S_{j+1}`` under
+  ``P_j V_j``; dq: ``S`` and ``dP`` issued together, the exponentials under ``dP``, ``dq += dS k`` left in flight
+  into the next trip; dkdv: ``S^T`` and ``dP^T`` together, ``dV`` and ``dK`` left in flight into the next trip. The
+  decay column and row statistics of the next tile are loaded a trip ahead (loaded in the softmax, their latency was
+  exposed: the first Gluon forward took 1.5-1.7x the Triton one). Same-run A/B on the H200 at ``acbfb0f``
+  (``bench/results/attention-h200-2026-12-04-ab-gluon-acbfb0f.json``, fwd+bwd against the Triton kernels): dkdv
+  alone 0.903-0.920x at T16k D64 and 0.944-0.954x at D128; all three 0.893-0.902x at D128. Forward configs
+  (``...-gluon-fwd-fa3-acbfb0f.json``, forward time against the Triton forward): ``64,64,3,4`` with the loader warp
+  0.874-0.949x (the default), without it 0.917-0.965x, two slots 1.03-1.26x, two consumer warpgroups ``128,64,3,8``
+  0.98-1.11x; ``64,128`` tiles at D64 (``...-gluon-fwd-d64-cfgs-94f800f.json``) 1.25-1.63x: the two column vectors
+  in flight spilled (offline compile: 276 bytes). Outputs equal the Triton kernels' bit for bit at D128 and within 3e-4 (o)
+  and 7e-4 (gradients) at D64, on odd T, varlen with a 1-token document, GQA and ACP (``...-gluon-check-*.json``).
   Lessons: ptxas serialises every wgmma of a kernel that reads an accumulator while a product into it is in flight
   (warning C7514; every Gluon forward measured before ``8466ba7`` had it and took 1.02-1.6x the Triton forward), so
   accumulators are only touched between trips and the register operands of in-flight products are listed in the
   next wait's ``deps``; check ``ptxas -arch=sm_90a -v`` for C75xx before spending GPU time. Gluon is an
   experimental API: the Gluon kernels run only with Triton 3.6, on Hopper or newer, causal, bf16, D64/D128.
+* **The decay column one value per thread** (``1eb60ab``). Nsight Compute at T16k D64
+  (``bench/results/ncu-h200-2026-12-04.json``): cuDNN's forward ran 1.78 ms with 811 M warp instructions, the Gluon
+  forward 2.59 ms with 1383 M at 57% issue utilisation, with about the same MUFU work; so the forward was issue-bound
+  on overhead. In the score tile's column layout (a slice of the wgmma accumulator layout) each thread holds 16 of a
+  64-key tile's columns, so the 8 lanes sharing a column each loaded, masked and scaled it: about 80 of the main
+  loop's 422 SASS instructions (16 LDG, 16 ISETP, 16 FADD, 16 FMUL, address arithmetic) and 16 registers for each of
+  the two tiles in flight. :func:`foxkernels.gluon_fwd._col_term` now loads one value per thread (a blocked layout)
+  and the consumer converts it to the column layout where it is used (one shared-memory round trip): forward main
+  loop 422 -> 314 instructions at D64 and 461 -> 357 at D128, dq 383 -> 268 at D64 (offline sm_90a, triton 3.6; no
+  spills, no C75xx). Measured (``...-gluon-fwd-1eb60ab.json``): forward alone 0.83x the Triton forward at D64 (was
+  0.88-0.91x), 0.88 / 0.92x at T32k / T64k D128 (was 0.94 / 0.93x); the Gluon dq at D64 2.42 ms against 2.50 for the
+  Triton dq (so the Gluon dq became the default there), but at D128 it went 41.4 -> 48.1 ms at T64k, so the D128 dq
+  keeps the column layout (``col_l = col_s``; SASS identical to ``82e7549``'s). The same change to the dkdv kernel's
+  per-trip row statistics made ptxas serialise its wgmmas (C7515), so dkdv is unchanged.
+* **Placement noise and the D64 forward.** At ``df1eb25`` and ``1eb60ab`` single same-run A/Bs had fwd+bwd with the
+  Gluon forward at D64 1.02-1.05x the Triton forward's although the forward alone was 0.83-0.91x; a kernel profile of
+  the same calls put the two backward kernels 1.7-1.9% slower after the Gluon forward
+  (``...-profile-fwd-d64-235dae9.json``; 2.5-2.9% in an earlier profile whose file was not kept). Timing the same calls after padding
+  allocations of six sizes (``bench/ab/placement.py``, ``...-placement-dc15ab5.json``) moved one setting's fwd+bwd by
+  2-3% (T16k D64), and over those placements the Gluon forward gave 0.963-0.974x (median per gate case) in 17 of 18
+  pairs; at the power limit against rested (``bench/ab/sustained.py``, NVML clocks 1920-1980 MHz, 180-300 W: no
+  throttling) 0.95-0.96x. So the Gluon forward is the D64 default, and same-run differences under ~3% need several
+  placements before they decide anything.
 * **Loop-invariant dot operands in registers, tried and rejected** (``5f230ae``, same-run A/B on the H200,
   ``bench/results/attention-h200-2026-12-04-ab-rega.json``). Triton feeds every ``tl.dot`` operand that is a
   loaded tile through shared memory (TTGIR: both wgmma operands ``memdesc``, "SS"), so each trip of the dkdv
@@ -234,17 +255,20 @@ ms dense (same run).
   (same run): 1.24 / 1.12 / 1.09x the Triton forward, no better than with q in shared memory.
 
 Where this stands (bf16, B = 1, fwd+bwd ms, T16k H24 D64 / T32k H16 D128 / T64k H16 D128; H200, which has the
-H100's arithmetic rates). Full run at ``df1eb25`` (``bench/results/attention-h200-2026-12-04-df1eb25.json``): ours
-dense 9.19 / 36.31 / 145.7; SDPA flash backend, same run, 10.35 / 46.96 / 187.8 (ratio 0.89 / 0.77 / 0.78); SDPA's
-default (cuDNN) 6.79 / 28.56 / 111.7 (ratio 1.35 / 1.27 / 1.30); FLA 0.6.0 21.4 / 74.5 / 294.5; ACP on near-1 gates
-+0.1 / +1.7 / +0.1% against dense on the same gates; ACP on mixed gates 3.90 / 12.68 / 37.52, i.e. 0.53 / 0.70 /
-0.69 of the official kernel's ACP times (7.33 / 18.10 / 54.18, H100, from the issue). Profile (T64k, ms per
-fwd+bwd): dense fwd 37.5 / dq 41.4 / dkdv 71.0 (the Triton kernels: 42.8 / 48.6 / 76.8 at ``d15d907``); ACP on
-mixed gates 9.6 / 10.0 / 16.8 with 76% of units pruned. Other head dims (Triton kernels), same run: T16k H8 D256
-17.19 (flash 14.39, cuDNN 9.10; FLA fails for lack of shared memory), T16k H32 D32 10.35 (flash 9.52, cuDNN 8.28).
-In matmul terms (T32k D128 dense) the forward runs at ~450 TFLOP/s, dq at ~650, dkdv at ~520 (bf16 peak ~990);
-cuDNN's whole fwd+bwd, counting five backward GEMMs, at ~560. Next: two consumer warpgroups in pingpong (FA3), the
-forward and dkdv being the furthest from cuDNN, and Gluon kernels for D32/D256.
+H100's arithmetic rates). Full run at ``0a3b382`` (``bench/results/attention-h200-2026-12-04-0a3b382.json``): ours
+dense 8.80 / 36.82 / 147.1; SDPA flash backend, same run, 10.32 / 47.41 / 190.7 (ratio 0.85 / 0.78 / 0.77); SDPA's
+default (cuDNN) 6.91 / 29.27 / 114.6 (ratio 1.27 / 1.26 / 1.28; the explicit cuDNN backend 1.31 / 1.30 / 1.29); FLA
+0.6.0 21.4 / 74.0 / 295.0; ACP on near-1 gates +3.2 / +1.0 / +0.1% against dense on the same gates (D64: median +0.7%
+over six placements); ACP on mixed gates 3.81 / 12.81 / 38.23, i.e. 0.52 / 0.71 / 0.71 of the official kernel's ACP
+times (7.33 / 18.10 / 54.18, H100, from the issue). Profile (T64k, ms per fwd+bwd): dense fwd 36.4 / dq 42.4 / dkdv
+72.2 (the Triton kernels: 42.8 / 48.6 / 76.8 at ``d15d907``); ACP on mixed gates 9.5 / 10.3 / 17.4 with 76% of units
+pruned; T16k D64 dense 2.41 / 2.46 / 3.70. Other head dims (Triton kernels), same run: T16k H8 D256 17.17 (flash
+14.48, cuDNN 9.26; FLA fails for lack of shared memory), T16k H32 D32 10.28 (flash 9.45, cuDNN 8.28). In matmul terms
+(T32k D128 dense) the forward runs at ~470 TFLOP/s, dq at ~640, dkdv at ~500 (bf16 peak ~990); cuDNN's whole
+fwd+bwd, counting five backward GEMMs, at ~540. cuDNN's backward is one kernel (4.43 ms at T16k D64 against our
+2.46 + 3.70); ours recompute ``q.k`` and ``do.v`` in two kernels (FA3's in-kernel dq reduction was slower here, see
+above). Next: the dkdv kernel's per-trip row statistics without the C7515 serialisation, two consumer warpgroups in
+pingpong (FA3), and Gluon kernels for D32/D256.
 """
 
 

@@ -1,5 +1,5 @@
 """Hopper dkdv and dq kernels in Triton's Gluon dialect (``FOXKERNELS_DKDV`` / ``FOXKERNELS_DQ`` = ``gluon|triton``;
-GPU only): the dkdv kernel is the default at head dims 64 and 128, the dq kernel at 128 (timings in the kernel header
+GPU only): both are the defaults at head dims 64 and 128 (timings in the kernel header
 of :mod:`foxkernels.attention`).
 
 Why: the dkdv kernel is the largest share of fwd+bwd (T64k D128 on the H200: 76.8 of 168 ms; fwd 42.8, dq 48.6),

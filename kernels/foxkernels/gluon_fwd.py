@@ -1,4 +1,5 @@
-"""Hopper forward in Triton's Gluon dialect: the default at head dim 128 (``FOXKERNELS_FWD=gluon|triton``; GPU only).
+"""Hopper forward in Triton's Gluon dialect: the default at head dims 64 and 128 (``FOXKERNELS_FWD=gluon|triton``; GPU
+only).
 
 Why: Triton's ``tl.dot`` waits on every wgmma whose result the loop body uses, so a tile's softmax never
 overlaps the tensor cores within a warpgroup. Gluon exposes ``warpgroup_mma(is_async=True)`` and
