@@ -454,6 +454,14 @@ def _git_commit() -> str:
         return "?"
 
 
+def run_meta(script: str) -> dict:
+    """What every GPU results file records: the command (``script`` and this process's arguments), device,
+    versions, date and git revision."""
+    return dict(command=f"PYTHONPATH=kernels:. python {script} " + " ".join(sys.argv[1:]),
+                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=_git_commit())
+
+
 def _fmt(x):
     return "  n/a" if x is None else f"{x:.3f}"
 

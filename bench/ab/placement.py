@@ -10,10 +10,9 @@ differs by less than it. From the repository root::
 
 Writes ``OUTDIR/placement.json``.
 """
-import json, os, sys, time
+import json, os, sys
 
 import torch
-import triton
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), "kernels", "."]
 import attention as B  # noqa: E402  bench/attention.py
@@ -23,9 +22,7 @@ from foxdist.ops import acp_threshold, qk_bound  # noqa: E402
 out_dir, shape, *specs = sys.argv[1:]
 t, h, d = B.ALL_SHAPES[shape]
 PADS_MB = [0, 1, 3.3, 17, 64.5, 130.1]
-res = dict(command="PYTHONPATH=kernels:. python bench/ab/placement.py " + " ".join(sys.argv[1:]),
-           device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-           date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=B._git_commit(), pads_mb=PADS_MB, ms={})
+res = dict(**B.run_meta("bench/ab/placement.py"), pads_mb=PADS_MB, ms={})
 for pad_mb in PADS_MB:
     torch.cuda.empty_cache()
     pad = torch.empty(int(pad_mb * 2 ** 20), dtype=torch.uint8, device="cuda")

@@ -13,7 +13,6 @@ Writes ``OUTDIR/sustained.json``.
 import json, os, sys, threading, time
 
 import torch
-import triton
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), "kernels", "."]
 import attention as B  # noqa: E402  bench/attention.py
@@ -84,9 +83,7 @@ def rested(n=30):
     return sorted(ms)[len(ms) // 2]
 
 
-res = dict(command="PYTHONPATH=kernels:. python bench/ab/sustained.py " + " ".join(sys.argv[1:]),
-           device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-           date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=B._git_commit(), rounds=[])
+res = dict(**B.run_meta("bench/ab/sustained.py"), rounds=[])
 for r in range(3):
     for sp in specs:
         with B.env_set(B.parse_spec(sp)):
