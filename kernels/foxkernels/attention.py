@@ -234,6 +234,18 @@ ms dense (same run).
   Triton dq (so the Gluon dq became the default there), but at D128 it went 41.4 -> 48.1 ms at T64k, so the D128 dq
   keeps the column layout (``col_l = col_s``; SASS identical to ``82e7549``'s). The same change to the dkdv kernel's
   per-trip row statistics made ptxas serialise its wgmmas (C7515), so dkdv is unchanged.
+* **dkdv row statistics through TMA, measured but not kept** (``a90752a``, kept on the branch
+  ``wip/dkdv-staged-rowstats``): the loader warp also brings each query tile's ``lse2 - cq log2e`` and ``delta``
+  ([1, BM] fp32 boxes over the head-major arrays, whose rows were padded to 16 bytes) into the ring slot, the consumer
+  reads them from shared memory where used, the tile pair's base difference joins the key-side column (two values
+  per thread) and only the diagonal and the document's last partial query tile take masks. Main loop 443 -> 364 SASS
+  instructions at D64, 308 -> 243 at D128, no spills. Over six placements (``...-placement-dkdv-d{64,128}-a90752a.json``)
+  fwd+bwd with it was 0.888-0.902x of the Triton dkdv's at T16k D64 and 0.915-0.926x at T32k D128 (the kept Gluon
+  dkdv: 0.903-0.920x and 0.944-0.954x in single A/Bs). But the GPU check stopped with "an illegal instruction" on its
+  varlen case (documents starting at odd rows, a 1-token document, GQA, ACP), after passing the odd-T, GQA and ACP
+  cases; with no device time left to find the cause (a TMA box starting at an unaligned token, or the expect-tx
+  count of a box past the tensor's end, are the first suspects: ``compute-sanitizer`` runs on these machines), the
+  kernel stayed as it was.
 * **Placement noise and the D64 forward.** At ``df1eb25`` and ``1eb60ab`` single same-run A/Bs had fwd+bwd with the
   Gluon forward at D64 1.02-1.05x the Triton forward's although the forward alone was 0.83-0.91x; a kernel profile of
   the same calls put the two backward kernels 1.7-1.9% slower after the Gluon forward

@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init, warpgroup_mma_wait
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .gluon_fwd import _col_term, _desc, _doc_extent, _ws_load
 
@@ -55,48 +53,50 @@ def _query_tiles(ENDS, z, h, n0, lq, max_kunits, H, BM: gl.constexpr, TILE: gl.c
 
 
 @gluon.jit
-def _tile_base(BQh, bk, i0, s_bq_t):
-    """``log2(e) (base_q - base_k)`` of the query tile at i0 against the key tile (fp64 difference, then fp32)."""
-    return (gl.load(BQh + i0 * s_bq_t) - bk).to(gl.float32) * 1.4426950408889634
+def _row_stats(LSE2h, DELTAh, BQh, bk, i0, lq, s_l_t, s_bq_t, BM: gl.constexpr, layout: gl.constexpr):
+    """Row statistic ``lse2 - cq log2e - (base_q - base_k) log2e`` (+inf past the document end, so P = 0 there)
+    and ``delta`` of the query tile at i0 (inside the document)."""
+    offs_m = i0 + gl.arange(0, BM, layout=layout)
+    rm = offs_m < lq
+    lse2 = gl.load(LSE2h + offs_m * s_l_t, mask=rm, other=float("inf"))
+    di = gl.load(DELTAh + offs_m * s_l_t, mask=rm, other=0.0)
+    dd = (gl.load(BQh + i0 * s_bq_t) - bk).to(gl.float32)
+    return lse2 - dd * 1.4426950408889634, di
 
 
 @gluon.jit
-def _dkdv_trip(t, i, dk, dv, pb, dsb, dc, dd2, q_smem, do_smem, ls_smem, ds_smem, k_smem, v_smem, ready, empty,
-               col2, offs_n, zero_s, BQh, bk, n0, lq, nt, s_bq_t, sm_scale2, BM: gl.constexpr, NB: gl.constexpr,
-               op_a: gl.constexpr, qry: gl.constexpr, MASK: gl.constexpr):
-    """Query tile i of the current head (global trip t). ``MASK``: the tile overlaps the key tile or passes the
-    document's end (causal and row masks). The row statistic ``lse2 - cq log2e`` and ``delta`` of the tile arrive
-    by TMA with q and do; ``dd2`` (the tile pair's base difference) was loaded a trip ahead."""
+def _dkdv_trip(t, i, dk, dv, pb, dsb, dc, stat, di, q_smem, do_smem, k_smem, v_smem, ready, empty, col2, offs_n,
+               zero_s, LSE2h, DELTAh, BQh, bk, n0, lq, nt, s_l_t, s_bq_t, sm_scale2, BM: gl.constexpr,
+               NB: gl.constexpr, op_a: gl.constexpr, qry: gl.constexpr, MASK: gl.constexpr):
+    """Query tile i of the current head (global trip t; ``MASK``: the tile overlaps the key tile, causal mask)."""
     s = t % NB
     mbarrier.wait(ready.index(s), (t // NB) & 1)
     sT = warpgroup_mma(k_smem, q_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dpT = warpgroup_mma(v_smem, do_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    stat = ls_smem.index(s).load(qry)
     # groups retire in order: the previous trip's dV and dK, then S^T; dP^T may still run
     sT, dk, dv, pb, dsb = warpgroup_mma_wait(num_outstanding=1, deps=(sT, dk, dv, pb, dsb))
     mbarrier.arrive(empty.index((t + NB - 1) % NB), count=1, pred=t > 0)
-    x = sT * sm_scale2 - gl.expand_dims(col2 - dd2, 1) - gl.expand_dims(stat, 0)
+    x = sT * sm_scale2 - gl.expand_dims(col2, 1) - gl.expand_dims(stat, 0)
     if MASK:
         offs_m = n0 + i * BM + gl.arange(0, BM, layout=qry)
-        ok = (gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1)) & gl.expand_dims(offs_m < lq, 0)
-        x = gl.where(ok, x, float("-inf"))
+        x = gl.where(gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1), x, float("-inf"))
     pT = gl.exp2(x)
     pb = gl.convert_layout(pT.to(gl.bfloat16), op_a)
     dv = warpgroup_mma(pb, do_smem.index(s), dv, is_async=True)
-    dd2_next = _tile_base(BQh, bk, n0 + gl.minimum(i + 1, nt - 1) * BM, s_bq_t)
-    di = ds_smem.index(s).load(qry)
+    stat_next, di_next = _row_stats(LSE2h, DELTAh, BQh, bk, n0 + gl.minimum(i + 1, nt - 1) * BM, lq, s_l_t, s_bq_t,
+                                    BM, qry)
     dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
     dsT = pT * (dpT - gl.expand_dims(di, 0))
     dsb = gl.convert_layout(dsT.to(gl.bfloat16), op_a)
     dk = warpgroup_mma(dsb, q_smem.index(s), dk, is_async=True)
     dc = dc - gl.sum(dsT, 1)
-    return t + 1, dk, dv, pb, dsb, dc, dd2_next
+    return t + 1, dk, dv, pb, dsb, dc, stat_next, di_next
 
 
 @gluon.jit
-def _dkdv_consume(q_smem, do_smem, ls_smem, ds_smem, k_smem, v_smem, kvbar, ready, empty, CK, BQ, BK, DK, DV, DC,
-                  ENDS, qs, lq, ks, lk, z, hk, n0, s_dk_t, s_dk_h, s_dv_t, s_dv_h, s_dc_t, s_dc_h, s_ck_t, s_ck_h,
-                  s_bq_t, s_bq_h, s_bk_t, s_bk_h, sm_scale, sm_scale2, max_kunits, H, GROUP,
+def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS,
+                  qs, lq, ks, lk, z, hk, n0, s_dk_t, s_dk_h, s_dv_t, s_dv_h, s_dc_t, s_dc_h, s_ck_t, s_ck_h,
+                  s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h, sm_scale, sm_scale2, max_kunits, H, GROUP,
                   D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr, USE_ACP: gl.constexpr,
                   NB: gl.constexpr, num_warps: gl.constexpr):
     """Consumer warpgroup: every query tile of every query head of the kv head, then dk, dv (and dc per head)."""
@@ -114,34 +114,27 @@ def _dkdv_consume(q_smem, do_smem, ls_smem, ds_smem, k_smem, v_smem, kvbar, read
     zero_s = gl.zeros([BN, BM], gl.float32, layout=mma_s)
     offs_n = n0 + gl.arange(0, BN, layout=key)
     kmask = offs_n < lk
-    # the TMA slots of the row statistics ([1, BM], unswizzled) read as [BM] vectors
-    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    ls_smem = ls_smem._reinterpret(gl.float32, [NB, BM], flat)
-    ds_smem = ds_smem._reinterpret(gl.float32, [NB, BM], flat)
     mbarrier.wait(kvbar, 0)
     t = 0
     for g in range(0, GROUP):
         h = hk * GROUP + g
         col2 = gl.load(CK + (ks + offs_n) * s_ck_t + h * s_ck_h, mask=kmask, other=0.0) * 1.4426950408889634
         bk = gl.load(BK + (ks + n0) * s_bk_t + h * s_bk_h)
+        LSE2h = LSE2 + qs * s_l_t + h * s_l_h
+        DELTAh = DELTA + qs * s_l_t + h * s_l_h
         BQh = BQ + qs * s_bq_t + h * s_bq_h
         nt = _query_tiles(ENDS, z, h, n0, lq, max_kunits, H, BM, TILE, USE_ACP)
-        dd2 = _tile_base(BQh, bk, n0, s_bq_t)
+        stat, di = _row_stats(LSE2h, DELTAh, BQh, bk, n0, lq, s_l_t, s_bq_t, BM, qry)
         dc = gl.zeros([BN], gl.float32, layout=key)
         nd = gl.minimum(BN // BM, nt)  # query tiles that overlap the key tile: the causal mask
-        nf = gl.maximum(gl.minimum(nt, (lq - n0) // BM), nd)  # ... and tiles wholly inside the document
         for i in range(0, nd):
-            t, dk, dv, pb, dsb, dc, dd2 = _dkdv_trip(
-                t, i, dk, dv, pb, dsb, dc, dd2, q_smem, do_smem, ls_smem, ds_smem, k_smem, v_smem, ready, empty, col2,
-                offs_n, zero_s, BQh, bk, n0, lq, nt, s_bq_t, sm_scale2, BM, NB, op_a, qry, True)
-        for i in range(nd, nf):
-            t, dk, dv, pb, dsb, dc, dd2 = _dkdv_trip(
-                t, i, dk, dv, pb, dsb, dc, dd2, q_smem, do_smem, ls_smem, ds_smem, k_smem, v_smem, ready, empty, col2,
-                offs_n, zero_s, BQh, bk, n0, lq, nt, s_bq_t, sm_scale2, BM, NB, op_a, qry, False)
-        for i in range(nf, nt):  # the document's last, partial query tile: the row mask
-            t, dk, dv, pb, dsb, dc, dd2 = _dkdv_trip(
-                t, i, dk, dv, pb, dsb, dc, dd2, q_smem, do_smem, ls_smem, ds_smem, k_smem, v_smem, ready, empty, col2,
-                offs_n, zero_s, BQh, bk, n0, lq, nt, s_bq_t, sm_scale2, BM, NB, op_a, qry, True)
+            t, dk, dv, pb, dsb, dc, stat, di = _dkdv_trip(
+                t, i, dk, dv, pb, dsb, dc, stat, di, q_smem, do_smem, k_smem, v_smem, ready, empty, col2, offs_n,
+                zero_s, LSE2h, DELTAh, BQh, bk, n0, lq, nt, s_l_t, s_bq_t, sm_scale2, BM, NB, op_a, qry, True)
+        for i in range(nd, nt):
+            t, dk, dv, pb, dsb, dc, stat, di = _dkdv_trip(
+                t, i, dk, dv, pb, dsb, dc, stat, di, q_smem, do_smem, k_smem, v_smem, ready, empty, col2, offs_n,
+                zero_s, LSE2h, DELTAh, BQh, bk, n0, lq, nt, s_l_t, s_bq_t, sm_scale2, BM, NB, op_a, qry, False)
         gl.store(DC + (ks + offs_n) * s_dc_t + h * s_dc_h, dc, mask=kmask)
     dk, dv, pb, dsb = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, pb, dsb))
     row: gl.constexpr = gl.SliceLayout(1, mma_a)
@@ -155,11 +148,9 @@ def _dkdv_consume(q_smem, do_smem, ls_smem, ds_smem, k_smem, v_smem, kvbar, read
 
 
 @gluon.jit
-def _dkdv_load(q_desc, do_desc, l_desc, d_desc, q_smem, do_smem, ls_smem, ds_smem, ready, empty, ENDS, qs, lq, z, hk,
-               n0, max_kunits, H, GROUP, D: gl.constexpr, BM: gl.constexpr, TILE: gl.constexpr,
-               USE_ACP: gl.constexpr, NB: gl.constexpr):
-    """Loader partition (one warp): q, do and the row statistics (lse2 - cq log2e, delta) of every trip into ring
-    slot ``t % NB`` once the consumer freed it."""
+def _dkdv_load(q_desc, do_desc, q_smem, do_smem, ready, empty, ENDS, qs, lq, z, hk, n0, max_kunits, H, GROUP,
+               D: gl.constexpr, BM: gl.constexpr, TILE: gl.constexpr, USE_ACP: gl.constexpr, NB: gl.constexpr):
+    """Loader partition (one warp): q and do of every trip into ring slot ``t % NB`` once the consumer freed it."""
     t = 0
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -168,20 +159,17 @@ def _dkdv_load(q_desc, do_desc, l_desc, d_desc, q_smem, do_smem, ls_smem, ds_sme
             s = t % NB
             # a fresh mbarrier counts as having completed the phase before 0, so the first NB waits pass
             mbarrier.wait(empty.index(s), ((t // NB) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes
-                            + l_desc.block_type.nbytes + d_desc.block_type.nbytes)
+            mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
             row = qs + n0 + i * BM
             tma.async_copy_global_to_shared(q_desc, [row, h * D], ready.index(s), q_smem.index(s))
             tma.async_copy_global_to_shared(do_desc, [row, h * D], ready.index(s), do_smem.index(s))
-            tma.async_copy_global_to_shared(l_desc, [h, row], ready.index(s), ls_smem.index(s))
-            tma.async_copy_global_to_shared(d_desc, [h, row], ready.index(s), ds_smem.index(s))
             t += 1
 
 
 @gluon.jit
-def _gluon_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, CK, BQ, BK, DK, DV, DC, ENDS, CU_Q, CU_K,
+def _gluon_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, CK, BQ, BK, LSE2, DELTA, DK, DV, DC, ENDS, CU_Q, CU_K,
                        s_dk_t, s_dk_h, s_dv_t, s_dv_h, s_dc_t, s_dc_h, s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h,
-                       sm_scale, sm_scale2, max_kunits, H, GROUP,
+                       s_l_t, s_l_h, sm_scale, sm_scale2, max_kunits, H, GROUP,
                        D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr,
                        USE_ACP: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
     """One key tile of one kv head per program (key tile 0, the heaviest, first)."""
@@ -193,8 +181,6 @@ def _gluon_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, CK, BQ, 
     if n0 < lk:
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, BM, D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(do_desc.dtype, [NB, BM, D], do_desc.layout)
-        ls_smem = gl.allocate_shared_memory(l_desc.dtype, [NB, 1, BM], l_desc.layout)
-        ds_smem = gl.allocate_shared_memory(d_desc.dtype, [NB, 1, BM], d_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [BN, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [BN, D], v_desc.layout)
         kvbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -209,12 +195,12 @@ def _gluon_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, CK, BQ, 
         tma.async_copy_global_to_shared(k_desc, [ks + n0, hk * D], kvbar, k_smem)
         tma.async_copy_global_to_shared(v_desc, [ks + n0, hk * D], kvbar, v_smem)
         gl.warp_specialize([
-            (_dkdv_consume, (q_smem, do_smem, ls_smem, ds_smem, k_smem, v_smem, kvbar, ready, empty, CK, BQ, BK, DK,
-                             DV, DC, ENDS, qs, lq, ks, lk, z, hk, n0, s_dk_t, s_dk_h, s_dv_t, s_dv_h, s_dc_t, s_dc_h,
-                             s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, sm_scale, sm_scale2, max_kunits, H,
-                             GROUP, D, BM, BN, TILE, USE_ACP, NB, num_warps)),
-            (_dkdv_load, (q_desc, do_desc, l_desc, d_desc, q_smem, do_smem, ls_smem, ds_smem, ready, empty, ENDS, qs,
-                          lq, z, hk, n0, max_kunits, H, GROUP, D, BM, TILE, USE_ACP, NB)),
+            (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, CK, BQ, BK, LSE2, DELTA, DK, DV,
+                             DC, ENDS, qs, lq, ks, lk, z, hk, n0, s_dk_t, s_dk_h, s_dv_t, s_dv_h, s_dc_t, s_dc_h,
+                             s_ck_t, s_ck_h, s_bq_t, s_bq_h, s_bk_t, s_bk_h, s_l_t, s_l_h, sm_scale, sm_scale2,
+                             max_kunits, H, GROUP, D, BM, BN, TILE, USE_ACP, NB, num_warps)),
+            (_dkdv_load, (q_desc, do_desc, q_smem, do_smem, ready, empty, ENDS, qs, lq, z, hk, n0, max_kunits, H,
+                          GROUP, D, BM, TILE, USE_ACP, NB)),
         ], [1], [24])
 
 
@@ -353,15 +339,6 @@ def _config(kernel: str, d: int):
     return (64, 64, 2) if d == 128 else (64, 64, 3)
 
 
-def _row_desc(x, rows):
-    """TMA descriptor over a head-major per-token fp32 array (logical ``[N, H]``, stored ``[H, N]`` with rows 16-byte
-    aligned: :func:`foxkernels.launch._empty_tn`), blocks of ``[1, rows]`` tokens of one head."""
-    xt = x.t()
-    assert x.dtype == torch.float32 and xt.stride(1) == 1 and (xt.stride(0) * 4) % 16 == 0, (x.dtype, x.stride())
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    return TensorDescriptor(xt, list(xt.shape), list(xt.stride()), [1, rows], layout)
-
-
 def gluon_dkdv(q, k, v, do, plan, scale, lse2, delta, dk, dv, dc, ends, use_acp):
     """Launch :func:`_gluon_dkdv_kernel` into ``dk, dv [Nk, Hkv, D]`` and ``dc`` (head-major ``[Nk, H]``); the
     inputs as for :func:`foxkernels.backward._dkdv_kernel` (see :func:`foxkernels.launch._run_bwd`)."""
@@ -371,10 +348,10 @@ def gluon_dkdv(q, k, v, do, plan, scale, lse2, delta, dk, dv, dc, ends, use_acp)
     assert plan.tile % bn == 0 and bn % bm == 0, (bm, bn, plan.tile)
     grid = (triton.cdiv(plan.max_k, bn), plan.n_docs, hkv)
     _gluon_dkdv_kernel[grid](
-        _desc(q, bm), _desc(do, bm), _desc(k, bn), _desc(v, bn), _row_desc(lse2, bm), _row_desc(delta, bm), plan.ck,
-        plan.bq, plan.bk, dk, dv, dc, ends, plan.cu_q, plan.cu_k, dk.stride(0), dk.stride(1), dv.stride(0),
-        dv.stride(1), dc.stride(0), dc.stride(1), plan.ck.stride(0), plan.ck.stride(1), plan.bq.stride(0),
-        plan.bq.stride(1), plan.bk.stride(0), plan.bk.stride(1), scale, scale * 1.4426950408889634,
+        _desc(q, bm), _desc(do, bm), _desc(k, bn), _desc(v, bn), plan.ck, plan.bq, plan.bk, lse2, delta, dk, dv, dc,
+        ends, plan.cu_q, plan.cu_k, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dc.stride(0), dc.stride(1),
+        plan.ck.stride(0), plan.ck.stride(1), plan.bq.stride(0), plan.bq.stride(1), plan.bk.stride(0),
+        plan.bk.stride(1), lse2.stride(0), lse2.stride(1), scale, scale * 1.4426950408889634,
         ends.shape[-1] if use_acp else 1, h, h // hkv,
         D=d, BM=bm, BN=bn, TILE=plan.tile, USE_ACP=use_acp, NB=nb, num_warps=4,
         maxnreg=int(os.environ.get("FOXKERNELS_GLUON_DKDV_MAXNREG", "128")))

@@ -198,17 +198,13 @@ def _empty(shape, dtype, device):
 
 def _empty_tn(n, h, dtype, device):
     """A logical ``[N, H]`` per-token, per-head array stored head-major (``[H, N]`` in memory): the
-    kernels read these along tokens, so a [BLOCK] load is contiguous instead of strided by H. Rows are padded to
-    a multiple of 4 elements, so each head's row starts 16-byte aligned (TMA descriptors over them: the Gluon
-    dkdv kernel's row statistics)."""
-    return _empty((h, -(-n // 4) * 4), dtype, device)[:, :n].t()
+    kernels read these along tokens, so a [BLOCK] load is contiguous instead of strided by H."""
+    return _empty((h, n), dtype, device).t()
 
 
 def _tn(x):
     """``[N, H]`` tensor -> the same values stored head-major (see :func:`_empty_tn`)."""
-    out = _empty_tn(x.shape[0], x.shape[1], x.dtype, x.device)
-    out.copy_(x)
-    return out
+    return x.t().contiguous().t()
 
 
 def _check_inputs(q, k, v):
