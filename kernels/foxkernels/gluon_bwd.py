@@ -39,7 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init, warpgroup_mma_wait
 
-from .gluon_fwd import _col_term, _desc, _doc_extent, _ws_load
+from .gluon_fwd import _col_term, _desc, _doc_extent, _wgmma_layout, _ws_load
 
 
 @gluon.jit
@@ -100,10 +100,8 @@ def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, CK, BQ, 
                   D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, TILE: gl.constexpr, USE_ACP: gl.constexpr,
                   NB: gl.constexpr, num_warps: gl.constexpr):
     """Consumer warpgroup: every query tile of every query head of the kv head, then dk, dv (and dc per head)."""
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, BM, 16])
-    mma_a: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, D, 16])
+    mma_s: gl.constexpr = _wgmma_layout(BM, num_warps)
+    mma_a: gl.constexpr = _wgmma_layout(D, num_warps)
     op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_a, k_width=2)
     key: gl.constexpr = gl.SliceLayout(1, mma_s)  # [BN] along the keys (rows of S^T)
     qry: gl.constexpr = gl.SliceLayout(0, mma_s)  # [BM] along the queries
@@ -238,10 +236,8 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, qbar, kbar, vbar, empty, CKh, B
                 i0, lo, n, s_dq_t, s_dq_h, s_ck_t, s_bk_t, s_l_t, s_l_h, sm_scale, sm_scale2, D: gl.constexpr,
                 BM: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
     """Consumer warpgroup of the dq kernel: :func:`_dq_trip` over the key tiles (unmasked ones first), then dq."""
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, BN, 16])
-    mma_a: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, D, 16])
+    mma_s: gl.constexpr = _wgmma_layout(BN, num_warps)
+    mma_a: gl.constexpr = _wgmma_layout(D, num_warps)
     op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_a, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
     col_s: gl.constexpr = gl.SliceLayout(0, mma_s)

@@ -31,6 +31,12 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
 
+@gluon.constexpr_function
+def _wgmma_layout(n, num_warps):
+    """Accumulator layout of a ``[16 * num_warps, n]`` wgmma product on one warpgroup (``M = 64`` on 4 warps)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
 @gluon.jit
 def _doc_extent(CU_Q, CU_K, z):
     """First query row, query count, first key row and key count of document ``z``."""
@@ -130,10 +136,8 @@ def _consume(q_smem, k_smem, v_smem, qbar, kbar, vbar, empty, k_desc, v_desc, CQ
     over the key tiles (those whose successor needs no mask first), the last ``P V``, the lse and the output.
     ``WS``: the consumer partition of the warp-specialised kernel, which hands the slots back through ``empty``;
     else it refills them itself."""
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, BN, 16])
-    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, D, 16])
+    mma_s: gl.constexpr = _wgmma_layout(BN, num_warps)
+    mma_o: gl.constexpr = _wgmma_layout(D, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
     col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
