@@ -401,8 +401,8 @@ def kernel_ms(fn, reps=3):
 def profile(device, results, shapes=("T16k_H24_D64", "T32k_H16_D128"), key=None):
     """CUDA kernel time breakdown of one forward+backward (torch.profiler), dense (near-1 gates) and
     with ACP on mixed gates, next to the do_bench totals of the same case: what the kernels take and
-    what the PyTorch glue around them adds. Gradients are reset before every run, as in the timings. ``key``
-(an A/B spec, with ``--ab``): the results go under ``profile_ms_per_fwdbwd[key]``."""
+        what the PyTorch glue around them adds. Gradients are reset before every run, as in the timings. ``key``
+    (an A/B spec, with ``--ab``): the results go under ``profile_ms_per_fwdbwd[key]``."""
     gen = torch.Generator(device=device).manual_seed(3)
     out = {}
     for name in shapes:
@@ -454,10 +454,11 @@ def _git_commit() -> str:
         return "?"
 
 
-def run_meta(script: str) -> dict:
-    """What every GPU results file records: the command (``script`` and this process's arguments), device,
-    versions, date and git revision."""
-    return dict(command=f"PYTHONPATH=kernels:. python {script} " + " ".join(sys.argv[1:]),
+def run_meta(script: str, env_names=()) -> dict:
+    """What every GPU results file records: the command (``script`` and this process's arguments, after those of
+    the environment variables ``env_names`` that are set), device, versions, date and git revision."""
+    env = "".join(f"{k}='{os.environ[k]}' " for k in env_names if k in os.environ)
+    return dict(command=f"{env}PYTHONPATH=kernels:. python {script} " + " ".join(sys.argv[1:]),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=_git_commit())
 

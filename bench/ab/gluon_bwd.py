@@ -10,10 +10,9 @@ to bf16, differently ordered). From the repository root:
 
 Writes ``OUTDIR/gluon-check.json``; exits 1 if a row failed.
 """
-import json, os, sys, time
+import json, os, sys
 
 import torch
-import triton
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), "kernels", "."]
 import attention as B  # noqa: E402  bench/attention.py
@@ -24,10 +23,7 @@ out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
 dev = "cuda"
 specs = os.environ.get("GLUON_SPECS", "DKDV=gluon DQ=gluon FWD=gluon FWD=gluon|DQ=gluon|DKDV=gluon").split()
 tol = float(os.environ.get("TOL", "2e-2"))
-res = dict(command=f"GLUON_SPECS='{' '.join(specs)}' PYTHONPATH=kernels:. python bench/ab/gluon_bwd.py "
-                   + " ".join(sys.argv[1:]),
-           device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-           date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=B._git_commit(), tol=tol, checks=[])
+res = dict(**B.run_meta("bench/ab/gluon_bwd.py", ("GLUON_SPECS", "TOL")), specs=specs, tol=tol, checks=[])
 
 
 TRITON = {"FOXKERNELS_FWD": "triton", "FOXKERNELS_DQ": "triton", "FOXKERNELS_DKDV": "triton"}

@@ -10,10 +10,9 @@ SHAPES). From the repository root:
 
 Writes ``OUTDIR/gluon-fwd.json`` and prints a table.
 """
-import json, math, os, sys, time
+import json, os, sys
 
 import torch
-import triton
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), "kernels", "."]
 import attention as B  # noqa: E402  bench/attention.py
@@ -23,10 +22,7 @@ from foxdist.ops import acp_threshold, qk_bound  # noqa: E402
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
 dev = "cuda"
 gen = torch.Generator(device=dev).manual_seed(3)
-res = dict(command=f"GLUON_CFGS='{os.environ.get('GLUON_CFGS', '')}' PYTHONPATH=kernels:. python bench/ab/gluon_fwd.py "
-                + " ".join(sys.argv[1:]),
-           device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-           date=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=B._git_commit(), checks=[], timings={})
+res = dict(**B.run_meta("bench/ab/gluon_fwd.py", ("GLUON_CFGS", "GLUON_SHAPES")), checks=[], timings={})
 
 
 CFGS = os.environ.get("GLUON_CFGS", "128,64,5,8").split()
